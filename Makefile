@@ -1,0 +1,39 @@
+# acme-registry: `make test` installs what the tests need (Debian packages, a venv) and runs them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl
+
+.PHONY: test lint unit integration system-deps venv clean
+
+test: system-deps venv lint
+	$(BIN)/pytest tests
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+integration: system-deps venv
+	$(BIN)/pytest tests/integration
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+# Installs only what is missing, so a second run costs nothing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

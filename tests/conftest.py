@@ -1,0 +1,54 @@
+"""Shared fixtures: real servers and clients from tests/support."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.oci import make_oci_image
+from tests.support.pebble import Pebble, PebbleFactory
+
+DEFAULT_REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+
+@pytest.fixture
+def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleFactory]:
+    """``make(http_port, **Pebble kwargs)`` starts a Pebble; all are stopped at teardown."""
+    started: list[Pebble] = []
+
+    def make(http_port: int, **kwargs: Any) -> Pebble:
+        pebble = Pebble(tmp_path_factory.mktemp("pebble"), http_port, **kwargs)
+        # Registered before start() so a half-started instance is still cleaned up.
+        started.append(pebble)
+        pebble.start()
+        return pebble
+
+    yield make
+    for pebble in reversed(started):
+        pebble.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_binary() -> Path:
+    """The distribution registry binary; missing means a broken setup, so fail, not skip."""
+    configured = os.environ.get("ACME_REGISTRY_TEST_REGISTRY_BINARY", DEFAULT_REGISTRY_BINARY)
+    found = shutil.which(configured)
+    if found is None:
+        pytest.fail(
+            f"registry binary {configured!r} not found or not executable: install Debian's "
+            "docker-registry (make system-deps) or set ACME_REGISTRY_TEST_REGISTRY_BINARY"
+        )
+    return Path(found)
+
+
+@pytest.fixture
+def oci_image(tmp_path: Path) -> Path:
+    """An OCI layout with one small image tagged "v1" (random payload: a unique digest)."""
+    layout = tmp_path / "oci-image"
+    make_oci_image(layout, tag="v1", size=4096)
+    return layout

@@ -1,0 +1,407 @@
+"""A real Pebble ACME server (with pebble-challtestsrv as its DNS) on loopback, for tests."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.ports import free_port, free_tcp_udp_port
+
+START_TIMEOUT = 10.0
+STOP_GRACE = 5.0
+LOG_TAIL_CHARS = 4000
+
+# Pebble logs every request it routes ("POST /order-plz -> calling handler()") before checking
+# the JWS, so this also counts requests it then rejected (badNonce, malformed, EAB problems).
+_NEW_ORDER_LINE = re.compile(r"POST /order-plz\b.*calling handler", re.MULTILINE)
+# Logged only once an order really exists: unaffected by the client's badNonce retries.
+_ORDER_ADDED_LINE = re.compile(r'Added order "[^"]*" to the db', re.MULTILINE)
+
+
+def _write_tls_material(tls_dir: Path) -> tuple[Path, Path, Path]:
+    """Make a CA and a localhost/127.0.0.1 leaf for Pebble's own HTTPS listeners.
+
+    Debian ships no certificate for Pebble; a fresh CA per instance means a client can only
+    trust this Pebble through the bundle the test hands it.
+    """
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    # Backdated so small clock differences between processes never make it "not yet valid".
+    not_before = now - datetime.timedelta(hours=1)
+    not_after = now + datetime.timedelta(days=2)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme-registry test Pebble CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    ca_path = tls_dir / "ca.pem"
+    cert_path = tls_dir / "cert.pem"
+    key_path = tls_dir / "key.pem"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return ca_path, cert_path, key_path
+
+
+def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "<no log>"
+    return text[-chars:]
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    # Pebble is on loopback; an inherited HTTPS_PROXY without NO_PROXY would route there.
+    session.trust_env = False
+    return session
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Pebble:
+    """Pebble plus its own pebble-challtestsrv, both on loopback with ports chosen at start.
+
+    Every DNS name resolves to 127.0.0.1 for Pebble's validator, so HTTP-01 for any name is
+    answered by whatever the test runs on 127.0.0.1:``http_port``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        http_port: int,
+        *,
+        eab_keys: dict[str, str] | None = None,
+        nonce_reject: int | None = None,
+        binary: str = "/usr/bin/pebble",
+        challtestsrv_binary: str | None = None,
+        env: dict[str, str] | None = None,
+        config_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        """Describe an instance; nothing runs until ``start()``.
+
+        ``challtestsrv_binary`` defaults to the pebble-challtestsrv next to ``binary`` (so an
+        unpacked newer Pebble brings its own), else /usr/bin/pebble-challtestsrv.
+        ``env`` adds Pebble environment variables (e.g. PEBBLE_AUTHZREUSE);
+        ``config_overrides`` is merged into the "pebble" config object (e.g. "profiles").
+        """
+        self.workdir = Path(workdir).resolve()
+        self.http_port = http_port
+        self.eab_keys = dict(eab_keys) if eab_keys else None
+        self.nonce_reject = nonce_reject
+        self.binary = binary
+        if challtestsrv_binary is None:
+            sibling = Path(binary).with_name("pebble-challtestsrv")
+            challtestsrv_binary = (
+                str(sibling) if sibling.exists() else "/usr/bin/pebble-challtestsrv"
+            )
+        self.challtestsrv_binary = challtestsrv_binary
+        self.extra_env = dict(env) if env else {}
+        self.config_overrides = dict(config_overrides) if config_overrides else {}
+
+        self.log_path = self.workdir / "pebble.log"
+        self.challtestsrv_log_path = self.workdir / "challtestsrv.log"
+        self.config_path = self.workdir / "pebble-config.json"
+        self.ca_bundle = self.workdir / "tls" / "ca.pem"
+
+        self.listen_port = 0
+        self.management_port = 0
+        self.dns_port = 0
+        self.challtestsrv_management_port = 0
+        self._pebble: subprocess.Popen[bytes] | None = None
+        self._challtestsrv: subprocess.Popen[bytes] | None = None
+        self._logs: list[IO[bytes]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Pebble:
+        if self._pebble is not None:
+            raise RuntimeError("Pebble already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ca_bundle, cert_path, key_path = _write_tls_material(self.workdir / "tls")
+        self.listen_port = free_port()
+        self.management_port = free_port()
+        self.dns_port = free_tcp_udp_port()
+        self.challtestsrv_management_port = free_port()
+        self._write_config(cert_path, key_path)
+        try:
+            self._start_challtestsrv()
+            self._start_pebble()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Terminate both processes; safe to call more than once."""
+        _stop_process(self._pebble)
+        _stop_process(self._challtestsrv)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Pebble:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://127.0.0.1:{self.listen_port}/dir"
+
+    @property
+    def management_url(self) -> str:
+        return f"https://127.0.0.1:{self.management_port}"
+
+    @property
+    def dns_server(self) -> str:
+        """host:port of the challtestsrv DNS that Pebble's validator uses."""
+        return f"127.0.0.1:{self.dns_port}"
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def root_pem(self) -> bytes:
+        """The root that signs issued certificates (a fresh one per Pebble process)."""
+        with _session() as session:
+            resp = session.get(
+                f"{self.management_url}/roots/0", verify=str(self.ca_bundle), timeout=5
+            )
+        resp.raise_for_status()
+        return resp.content
+
+    def write_root(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.root_pem())
+        return path
+
+    def log_text(self) -> str:
+        for log in self._logs:
+            log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def order_count(self) -> int:
+        """New-order requests received, including ones Pebble rejected (e.g. badNonce).
+
+        With nonce rejection on, a correct client that retries a rejected new-order is counted
+        twice: assert exact numbers with ``orders_created()`` instead.
+        """
+        return len(_NEW_ORDER_LINE.findall(self.log_text()))
+
+    def orders_created(self) -> int:
+        """Orders Pebble accepted and stored."""
+        return len(_ORDER_ADDED_LINE.findall(self.log_text()))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _write_config(self, cert_path: Path, key_path: Path) -> None:
+        pebble: dict[str, Any] = {
+            "listenAddress": f"127.0.0.1:{self.listen_port}",
+            "managementListenAddress": f"127.0.0.1:{self.management_port}",
+            "certificate": str(cert_path),
+            "privateKey": str(key_path),
+            "httpPort": self.http_port,
+            # Nothing here answers TLS-ALPN-01; a port nobody listens on makes such a
+            # validation fail fast instead of hitting an unrelated local service.
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": bool(self.eab_keys),
+        }
+        if self.eab_keys:
+            pebble["externalAccountMACKeys"] = self.eab_keys
+        pebble.update(self.config_overrides)
+        self.config_path.write_text(json.dumps({"pebble": pebble}, indent=2))
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # An inherited value would silently change the rejection rate the test asked for.
+        env.pop("PEBBLE_WFE_NONCEREJECT", None)
+        # Without this Pebble sleeps 0-4 s before every validation.
+        env["PEBBLE_VA_NOSLEEP"] = "1"
+        if self.nonce_reject is not None:
+            env["PEBBLE_WFE_NONCEREJECT"] = str(self.nonce_reject)
+        env.update(self.extra_env)
+        return env
+
+    def _open_log(self, path: Path) -> IO[bytes]:
+        log = path.open("ab")
+        self._logs.append(log)
+        return log
+
+    def _start_challtestsrv(self) -> None:
+        log = self._open_log(self.challtestsrv_log_path)
+        self._challtestsrv = subprocess.Popen(
+            [
+                self.challtestsrv_binary,
+                "-dns01",
+                self.dns_server,
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"127.0.0.1:{self.challtestsrv_management_port}",
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._challtestsrv.poll() is not None:
+                raise RuntimeError(
+                    f"pebble-challtestsrv exited with {self._challtestsrv.returncode}:\n"
+                    f"{_tail(self.challtestsrv_log_path)}"
+                )
+            # The management listener comes up after the DNS one, so it marks "ready".
+            try:
+                socket.create_connection(
+                    ("127.0.0.1", self.challtestsrv_management_port), timeout=0.5
+                ).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    "pebble-challtestsrv did not come up within "
+                    f"{START_TIMEOUT} s:\n{_tail(self.challtestsrv_log_path)}"
+                )
+            time.sleep(0.05)
+
+    def _start_pebble(self) -> None:
+        log = self._open_log(self.log_path)
+        self._pebble = subprocess.Popen(
+            [self.binary, "-config", str(self.config_path), "-dnsserver", self.dns_server],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            env=self._env(),
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        last_error = ""
+        while True:
+            if self._pebble.poll() is not None:
+                raise RuntimeError(
+                    f"pebble exited with {self._pebble.returncode}:\n{_tail(self.log_path)}"
+                )
+            try:
+                with _session() as session:
+                    resp = session.get(self.directory_url, verify=str(self.ca_bundle), timeout=1)
+                if resp.status_code == 200 and "newOrder" in resp.json():
+                    return
+                last_error = f"HTTP {resp.status_code}"
+            except (requests.RequestException, ValueError) as exc:
+                last_error = repr(exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Pebble directory {self.directory_url} not answering within "
+                    f"{START_TIMEOUT} s (last: {last_error}):\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+
+# What the ``pebble_factory`` fixture returns: ``make(http_port, **Pebble kwargs) -> Pebble``.
+PebbleFactory = Callable[..., Pebble]
