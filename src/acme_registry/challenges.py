@@ -1,0 +1,44 @@
+"""Pending HTTP-01 challenges: token -> key authorization, kept in storage.
+
+The issuing child process adds tokens and the long-running responder looks them up, so
+they live in :class:`~acme_registry.storage.Storage`, not in memory: the same holds when
+several replicas share a storage directory behind one load balancer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .storage import Storage
+
+PREFIX = "challenges"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+
+class PendingChallenges:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def add(self, token: str, key_authorization: str) -> None:
+        self.storage.store(f"{PREFIX}/{_checked(token)}", key_authorization.encode())
+
+    def remove(self, token: str) -> None:
+        self.storage.delete(f"{PREFIX}/{_checked(token)}")
+
+    def lookup(self, token: str) -> str | None:
+        """The key authorization for a pending token; None for anything else."""
+        if not _TOKEN.match(token):
+            return None
+        data = self.storage.load(f"{PREFIX}/{token}")
+        return data.decode() if data is not None else None
+
+    def clear(self) -> None:
+        """Forget every token (after an order, or tokens a killed child left behind)."""
+        for key in self.storage.list(PREFIX):
+            self.storage.delete(key)
+
+
+def _checked(token: str) -> str:
+    if not _TOKEN.match(token):
+        raise ValueError("an ACME token is base64url")
+    return token

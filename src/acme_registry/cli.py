@@ -1,0 +1,130 @@
+"""The ``acme-registry`` command. Thin: each subcommand hands over to its module.
+
+Heavy modules are imported inside the subcommands, so ``health`` (run by the container's
+HEALTHCHECK every few seconds) starts fast and small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,check,health,status}"
+    )
+    commands.add_parser("run", help="start supervisord, the agent and the registry")
+    commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
+    health = commands.add_parser("health", help="exit 0 while the agent is alive")
+    health.add_argument(
+        "--ready", action="store_true", help="exit 0 only while a valid certificate is served"
+    )
+    status = commands.add_parser("status", help="the certificate and renewal state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("agent", help=argparse.SUPPRESS)
+    commands.add_parser("issue", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.command in ("health", "status"):
+        return _ask_agent(args)
+    settings = _settings_or_exit()
+    if isinstance(settings, int):
+        return settings
+    _setup_logging(settings.log_level)
+    if args.command == "check":
+        return 0
+    if args.command == "run":
+        from .launcher import launch
+
+        return launch(settings)
+    if args.command == "agent":
+        from .agent import Agent
+
+        return Agent(settings).run()
+    from .issuer import obtain_and_store
+
+    result = obtain_and_store(settings)
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+def _settings_or_exit() -> Settings | int:
+    from .config import ConfigError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as error:
+        print(f"acme-registry: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+    # The acme library logs every request and response body at DEBUG, keys included.
+    logging.getLogger("acme").setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _ask_agent(args: argparse.Namespace) -> int:
+    from .control import request
+
+    data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
+    socket_path = data_dir / "run" / "agent.sock"
+    command = "ready" if getattr(args, "ready", False) else args.command
+    try:
+        answer = request(socket_path, command)
+    except OSError as error:
+        print(
+            f"acme-registry: the agent does not answer on {socket_path}: {error}", file=sys.stderr
+        )
+        return 1
+    if args.command == "status":
+        print(json.dumps(answer, indent=2) if args.json else _format_status(answer))
+        return 0
+    if not answer.get("ok"):
+        print(f"not {'ready' if command == 'ready' else 'healthy'}: {answer.get('error')}")
+        return 1
+    print("ready" if command == "ready" else "alive")
+    return 0
+
+
+def _format_status(answer: dict) -> str:  # type: ignore[type-arg]
+    lines = [f"domains:     {', '.join(answer.get('domains', []))}"]
+    lines.append(f"directory:   {answer.get('directory')}")
+    cert = answer.get("certificate")
+    if cert:
+        lines += [
+            f"issuer:      {cert['issuer']}",
+            f"serial:      {cert['serial']}",
+            f"not after:   {cert['not_after']}",
+            f"renewal:     {cert['renewal']['at']} ({cert['renewal']['reason']})",
+        ]
+    else:
+        lines.append("certificate: none yet")
+    if answer.get("problem"):
+        lines.append(f"problem:     {answer['problem']}")
+    backoff = answer.get("backoff") or {}
+    if backoff.get("failures"):
+        lines += [
+            f"last error:  {backoff.get('last_error')} (at {backoff.get('last_attempt')})",
+            f"backoff:     {backoff['failures']} failure(s) in a row",
+            f"next try:    {backoff.get('next_attempt')}",
+        ]
+    return "\n".join(lines)

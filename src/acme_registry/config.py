@@ -1,0 +1,365 @@
+"""Settings from the environment: the only module that reads ``os.environ``.
+
+Everything here is pure: :func:`load_settings` takes a mapping and either returns
+typed :class:`Settings` or raises :class:`ConfigError` naming the variable at fault.
+Nothing is written and no network request is made before it has succeeded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+DIRECTORY_ALIASES = {"letsencrypt": LETSENCRYPT, "letsencrypt-staging": LETSENCRYPT_STAGING}
+
+KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# The variables this program reads. Unknown ACME_* names are rejected so that a typo
+# (ACME_DOMAIN) is an error at start instead of a silently ignored setting.
+KNOWN_VARIABLES = (
+    "ACME_DOMAINS",
+    "ACME_EMAIL",
+    "ACME_DIRECTORY",
+    "ACME_CA_BUNDLE",
+    "ACME_EAB_KID",
+    "ACME_EAB_HMAC_KEY",
+    "ACME_EAB_HMAC_KEY_FILE",
+    "ACME_KEY_TYPE",
+    "ACME_HTTP_PORT",
+    "CERT_DIR",
+    "DATA_DIR",
+    "REGISTRY_HTTP_ADDR",
+    "REGISTRY_BINARY",
+    "LOG_LEVEL",
+)
+
+# Registry settings the agent owns, as the registry's environment names them (it splits
+# names on "_" and matches case-insensitively). The registry lets its environment win
+# over its config file, so an operator value here would silently replace ours.
+OWNED_REGISTRY_PREFIXES = ("REGISTRY_HTTP_TLS", "REGISTRY_HTTP_SECRET", "REGISTRY_HTTP_DEBUG")
+# Whole-section overrides that would replace the owned settings along with everything else.
+OWNED_REGISTRY_SECTIONS = ("REGISTRY_HTTP",)
+# Variables of ours that share the registry's prefix and are not passed to it.
+OWN_REGISTRY_VARIABLES = ("REGISTRY_BINARY",)
+
+DEFAULT_DRAIN_SECONDS = 30
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_GO_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)$")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong. ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a server listens. ``host`` "" means every address, IPv6 and IPv4."""
+
+    host: str
+    port: int
+
+    def connect_host(self) -> str:
+        """The address a local client uses to reach this listener."""
+        if self.host in ("", "::", "0.0.0.0"):
+            return "127.0.0.1"
+        return self.host
+
+
+@dataclass(frozen=True)
+class Settings:
+    domains: tuple[str, ...]
+    directory: str
+    cert_dir: Path
+    data_dir: Path
+    http_port: int
+    registry_addr: ListenAddress
+    registry_binary: Path
+    key_type: str = "ec256"
+    email: str | None = None
+    ca_bundle: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    log_level: str = "info"
+    registry_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # TLS files an operator pointed the registry at; accepted only when they are ours.
+    registry_tls_files: tuple[Path, ...] = ()
+
+    @property
+    def directory_id(self) -> str:
+        """A short stable name for the directory, for per-CA state on disk."""
+        return hashlib.sha256(self.directory.encode()).hexdigest()[:16]
+
+    @property
+    def has_eab(self) -> bool:
+        return self.eab_kid is not None
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets and pid files of the running processes."""
+        return self.data_dir / "run"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    @property
+    def registry_config(self) -> Path:
+        return self.data_dir / "registry" / "config.yml"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate the environment into :class:`Settings`, or raise :class:`ConfigError`."""
+    env = dict(os.environ if environ is None else environ)
+    _reject_unknown_acme_variables(env)
+
+    domains = _domains(env.get("ACME_DOMAINS", ""))
+    cert_dir = _absolute_dir(env, "CERT_DIR", "/certs")
+    data_dir = _absolute_dir(env, "DATA_DIR", "/data")
+    # A unix socket path must fit in sun_path (108 bytes on Linux).
+    if len(str(data_dir / "run" / "supervisor.sock").encode()) > 100:
+        raise ConfigError("DATA_DIR", f"{data_dir} is too long for a unix socket path inside it")
+    eab_kid, eab_key = _eab(env)
+    registry_env, tls_files = _registry_env(env, cert_dir)
+    return Settings(
+        domains=domains,
+        email=_email(env.get("ACME_EMAIL", "").strip() or None),
+        directory=_directory(env.get("ACME_DIRECTORY", "").strip() or "letsencrypt"),
+        ca_bundle=_ca_bundle(env.get("ACME_CA_BUNDLE", "").strip() or None),
+        eab_kid=eab_kid,
+        eab_hmac_key=eab_key,
+        key_type=_choice(env, "ACME_KEY_TYPE", KEY_TYPES, "ec256"),
+        http_port=_port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80")),
+        cert_dir=cert_dir,
+        data_dir=data_dir,
+        registry_addr=_listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443")),
+        registry_binary=_executable("REGISTRY_BINARY", _registry_binary(env)),
+        drain_seconds=_duration(
+            "REGISTRY_HTTP_DRAINTIMEOUT",
+            env.get("REGISTRY_HTTP_DRAINTIMEOUT", f"{DEFAULT_DRAIN_SECONDS}s"),
+        ),
+        log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
+        registry_env=registry_env,
+        registry_tls_files=tls_files,
+    )
+
+
+def _reject_unknown_acme_variables(env: Mapping[str, str]) -> None:
+    for name in sorted(env):
+        internal = name.startswith("ACME_REGISTRY_")  # set by `acme-registry run`
+        if name.startswith("ACME_") and name not in KNOWN_VARIABLES and not internal:
+            hint = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1)
+            suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+            raise ConfigError(name, f"unknown setting{suggestion}")
+
+
+def _domains(raw: str) -> tuple[str, ...]:
+    if not raw.strip():
+        raise ConfigError("ACME_DOMAINS", "required: the names to obtain a certificate for")
+    names: list[str] = []
+    for part in raw.split(","):
+        name = part.strip().lower().rstrip(".")
+        if not name:
+            raise ConfigError("ACME_DOMAINS", "empty name in the list")
+        if name.startswith("*."):
+            raise ConfigError("ACME_DOMAINS", f"{name!r} is a wildcard; HTTP-01 cannot prove it")
+        if _is_ip(name):
+            raise ConfigError("ACME_DOMAINS", f"{name!r} is an IP address; give a DNS name")
+        labels = name.split(".")
+        if len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels):
+            raise ConfigError("ACME_DOMAINS", f"{part.strip()!r} is not a valid DNS name")
+        if name in names:
+            raise ConfigError("ACME_DOMAINS", f"{name!r} is listed twice")
+        names.append(name)
+    if len(names) > 100:
+        raise ConfigError("ACME_DOMAINS", f"{len(names)} names; a certificate holds at most 100")
+    return tuple(names)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _email(value: str | None) -> str | None:
+    if value is None:
+        return None
+    local, at, domain = value.partition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in value):
+        raise ConfigError("ACME_EMAIL", f"{value!r} is not an email address")
+    return value
+
+
+def _directory(value: str) -> str:
+    url = DIRECTORY_ALIASES.get(value.lower(), value)
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        aliases = ", ".join(DIRECTORY_ALIASES)
+        raise ConfigError(
+            "ACME_DIRECTORY", f"{value!r} is neither an https:// URL nor one of: {aliases}"
+        )
+    return url
+
+
+def _readable_file(variable: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(variable, f"{value} is not a file")
+    try:
+        path.read_bytes()
+    except OSError as error:
+        raise ConfigError(variable, f"{value} cannot be read ({error.strerror})") from None
+    return path
+
+
+def _ca_bundle(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = _readable_file("ACME_CA_BUNDLE", value)
+    if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+        raise ConfigError("ACME_CA_BUNDLE", f"{value} holds no PEM certificate")
+    return path
+
+
+def _eab(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    kid = env.get("ACME_EAB_KID", "").strip() or None
+    key = env.get("ACME_EAB_HMAC_KEY", "").strip() or None
+    key_file = env.get("ACME_EAB_HMAC_KEY_FILE", "").strip() or None
+    if key and key_file:
+        raise ConfigError("ACME_EAB_HMAC_KEY_FILE", "set either it or ACME_EAB_HMAC_KEY, not both")
+    if key_file:
+        key = _readable_file("ACME_EAB_HMAC_KEY_FILE", key_file).read_text().strip()
+        if not key:
+            raise ConfigError("ACME_EAB_HMAC_KEY_FILE", f"{key_file} is empty")
+    source = "ACME_EAB_HMAC_KEY_FILE" if key_file else "ACME_EAB_HMAC_KEY"
+    if kid and not key:
+        raise ConfigError("ACME_EAB_HMAC_KEY", "required when ACME_EAB_KID is set")
+    if key and not kid:
+        raise ConfigError("ACME_EAB_KID", f"required when {source} is set")
+    if key is not None:
+        # Never echo the key itself: it is a secret.
+        if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", key):
+            raise ConfigError(source, "is not base64url")
+        try:
+            decoded = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+        except (binascii.Error, ValueError):
+            raise ConfigError(source, "is not base64url") from None
+        if len(decoded) < 16:
+            raise ConfigError(source, "is shorter than 16 bytes once decoded")
+    return kid, key
+
+
+def _choice(env: Mapping[str, str], variable: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(variable, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(variable, f"{value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def _port(variable: str, raw: str) -> int:
+    text = raw.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(variable, f"{raw!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _listen_address(variable: str, raw: str) -> ListenAddress:
+    text = raw.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(variable, f"{raw!r} is not host:port or :port")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(variable, f"{raw!r} has an unclosed '['")
+        host = host[1:-1]
+    if host and not _is_ip(host) and host != "localhost":
+        raise ConfigError(variable, f"{host!r} is not an IP address (use :port for every address)")
+    return ListenAddress(host, _port(variable, port))
+
+
+def _executable(variable: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise ConfigError(variable, f"{value} is not an executable file")
+    return path
+
+
+def _registry_binary(env: Mapping[str, str]) -> str:
+    # `acme-registry run` moves REGISTRY_BINARY to an internal name, because the registry
+    # warns about every REGISTRY_* variable it does not know.
+    return (
+        env.get("REGISTRY_BINARY", "").strip()
+        or env.get("ACME_REGISTRY_REGISTRY_BINARY", "").strip()
+        or "/bin/registry"
+    )
+
+
+def _absolute_dir(env: Mapping[str, str], variable: str, default: str) -> Path:
+    value = env.get(variable, "").strip() or default
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(variable, f"{value!r} is not an absolute path")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(variable, f"{value} exists and is not a directory")
+    return path
+
+
+def _duration(variable: str, raw: str) -> float:
+    """A Go duration as the registry parses it (only the simple one-unit forms)."""
+    match = _GO_DURATION.match(raw.strip())
+    if not match:
+        raise ConfigError(variable, f"{raw!r} is not a duration such as 30s or 2m")
+    return float(match.group(1)) * _GO_UNITS[match.group(2)]
+
+
+def _registry_env(
+    env: Mapping[str, str], cert_dir: Path
+) -> tuple[dict[str, str], tuple[Path, ...]]:
+    """Split out the REGISTRY_* variables that reach the registry untouched."""
+    passed: dict[str, str] = {}
+    tls_files: list[Path] = []
+    ours = {cert_dir / "domain.crt", cert_dir / "domain.key", cert_dir / "live" / "tls.pem"}
+    for name, value in env.items():
+        upper = name.upper()
+        if not upper.startswith("REGISTRY_") or upper in OWN_REGISTRY_VARIABLES:
+            continue
+        if upper in ("REGISTRY_HTTP_TLS_CERTIFICATE", "REGISTRY_HTTP_TLS_KEY"):
+            if Path(value.strip()) in ours:
+                tls_files.append(Path(value.strip()))
+                passed[name] = value
+                continue
+            raise ConfigError(
+                name,
+                f"the agent owns http.tls; it writes {cert_dir}/domain.crt and domain.key "
+                "(unset this variable, or point it at those files)",
+            )
+        if upper in OWNED_REGISTRY_SECTIONS or upper.startswith(OWNED_REGISTRY_PREFIXES):
+            setting = upper.removeprefix("REGISTRY_").lower().replace("_", ".")
+            raise ConfigError(name, f"the agent owns {setting}; unset this variable")
+        passed[name] = value
+    return passed, tuple(sorted(tls_files))

@@ -1,0 +1,75 @@
+"""Private keys by type, CSRs, and the facts about a certificate/key pair. Pure."""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+_CURVES: dict[str, ec.EllipticCurve] = {"ec256": ec.SECP256R1(), "ec384": ec.SECP384R1()}
+_RSA_BITS = {"rsa2048": 2048, "rsa3072": 3072, "rsa4096": 4096}
+
+
+def generate_key(key_type: str) -> PrivateKey:
+    if key_type in _CURVES:
+        return ec.generate_private_key(_CURVES[key_type])
+    if key_type in _RSA_BITS:
+        return rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS[key_type])
+    raise ValueError(f"unknown key type {key_type!r}")
+
+
+def key_type_of(key: PrivateKeyTypes) -> str | None:
+    """The ACME_KEY_TYPE name of a key, or None for a kind we never generate."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": "ec256", "secp384r1": "ec384"}.get(key.curve.name)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"rsa{key.key_size}" if f"rsa{key.key_size}" in _RSA_BITS else None
+    return None
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_key(pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("only EC and RSA keys are supported")
+    return key
+
+
+def make_csr(key: PrivateKey, domains: tuple[str, ...]) -> bytes:
+    """A PEM CSR naming every domain as a SAN (the CN is left out, as CAs ignore it)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    builder = builder.add_extension(
+        x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]), critical=False
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def public_key_matches(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    def spki(public: object) -> bytes:
+        return public.public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
+def dns_names(cert: x509.Certificate) -> frozenset[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()

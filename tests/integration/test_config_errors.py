@@ -1,0 +1,159 @@
+"""Invalid configurations: `acme-registry run` exits 2 with one line naming the variable,
+before it writes anything or makes any network request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.ports import free_port
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "ACME_DOMAINS": "registry.test",
+        # A closed port: a request made before validation would fail differently.
+        "ACME_DIRECTORY": f"https://127.0.0.1:{free_port()}/dir",
+        "ACME_HTTP_PORT": str(free_port()),
+        "CERT_DIR": str(tmp_path / "certs"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "REGISTRY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "REGISTRY_BINARY": REGISTRY_BINARY,
+    }
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    seen = {}
+    for root in roots:
+        if not root.exists():
+            seen[str(root)] = (-1, -1)
+            continue
+        for path in [root, *root.rglob("*")]:
+            stat = path.lstat()
+            seen[str(path)] = (stat.st_mtime_ns, stat.st_size)
+    return seen
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "acme_registry", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+# (name, changes to the valid base environment, variable named, fragment of the message)
+INVALID = [
+    ("domains missing", {"ACME_DOMAINS": None}, "ACME_DOMAINS", "required"),
+    ("domains blank", {"ACME_DOMAINS": "  "}, "ACME_DOMAINS", "required"),
+    ("underscore", {"ACME_DOMAINS": "bad_name.test"}, "ACME_DOMAINS", "not a valid DNS name"),
+    ("wildcard", {"ACME_DOMAINS": "*.example.com"}, "ACME_DOMAINS", "wildcard"),
+    ("ip address", {"ACME_DOMAINS": "192.0.2.7"}, "ACME_DOMAINS", "IP address"),
+    ("duplicate", {"ACME_DOMAINS": "a.test,A.test"}, "ACME_DOMAINS", "listed twice"),
+    ("empty item", {"ACME_DOMAINS": "a.test,,b.test"}, "ACME_DOMAINS", "empty name"),
+    ("single label", {"ACME_DOMAINS": "localhost"}, "ACME_DOMAINS", "not a valid DNS name"),
+    ("label too long", {"ACME_DOMAINS": "a" * 64 + ".test"}, "ACME_DOMAINS", "not a valid"),
+    ("email", {"ACME_EMAIL": "not-an-email"}, "ACME_EMAIL", "not an email address"),
+    ("http directory", {"ACME_DIRECTORY": "http://ca.test/dir"}, "ACME_DIRECTORY", "https://"),
+    ("unknown alias", {"ACME_DIRECTORY": "letsencrypt-prod"}, "ACME_DIRECTORY", "letsencrypt"),
+    ("ca bundle missing", {"ACME_CA_BUNDLE": "/nonexistent.pem"}, "ACME_CA_BUNDLE", "not a file"),
+    ("ca bundle not pem", {"ACME_CA_BUNDLE": "@notpem"}, "ACME_CA_BUNDLE", "no PEM"),
+    ("eab kid alone", {"ACME_EAB_KID": "kid-1"}, "ACME_EAB_HMAC_KEY", "required"),
+    ("eab key alone", {"ACME_EAB_HMAC_KEY": "zWNDZM6eQGHWpSRTPal5eIUYFTu7"}, "ACME_EAB_KID", ""),
+    (
+        "eab key and file",
+        {"ACME_EAB_KID": "k", "ACME_EAB_HMAC_KEY": "abcd", "ACME_EAB_HMAC_KEY_FILE": "@notpem"},
+        "ACME_EAB_HMAC_KEY_FILE",
+        "not both",
+    ),
+    (
+        "eab key not base64url",
+        {"ACME_EAB_KID": "k", "ACME_EAB_HMAC_KEY": "not/base64+at all!"},
+        "ACME_EAB_HMAC_KEY",
+        "base64url",
+    ),
+    (
+        "eab key file missing",
+        {"ACME_EAB_KID": "k", "ACME_EAB_HMAC_KEY_FILE": "/nonexistent"},
+        "ACME_EAB_HMAC_KEY_FILE",
+        "not a file",
+    ),
+    ("key type", {"ACME_KEY_TYPE": "dsa1024"}, "ACME_KEY_TYPE", "ec256"),
+    ("http port zero", {"ACME_HTTP_PORT": "0"}, "ACME_HTTP_PORT", "not a port"),
+    ("http port text", {"ACME_HTTP_PORT": "eighty"}, "ACME_HTTP_PORT", "not a port"),
+    ("http port big", {"ACME_HTTP_PORT": "70000"}, "ACME_HTTP_PORT", "not a port"),
+    ("cert dir relative", {"CERT_DIR": "certs"}, "CERT_DIR", "absolute"),
+    ("data dir is a file", {"DATA_DIR": "@notpem"}, "DATA_DIR", "not a directory"),
+    ("data dir too long", {"DATA_DIR": "/" + "d" * 120}, "DATA_DIR", "too long"),
+    ("addr without port", {"REGISTRY_HTTP_ADDR": "443"}, "REGISTRY_HTTP_ADDR", "host:port"),
+    ("addr host name", {"REGISTRY_HTTP_ADDR": "example.com:443"}, "REGISTRY_HTTP_ADDR", "IP"),
+    ("registry binary", {"REGISTRY_BINARY": "/nonexistent"}, "REGISTRY_BINARY", "executable"),
+    (
+        "foreign tls certificate",
+        {"REGISTRY_HTTP_TLS_CERTIFICATE": "/etc/ssl/other.crt"},
+        "REGISTRY_HTTP_TLS_CERTIFICATE",
+        "owns http.tls",
+    ),
+    ("http secret", {"REGISTRY_HTTP_SECRET": "s3cret"}, "REGISTRY_HTTP_SECRET", "owns"),
+    ("debug addr", {"REGISTRY_HTTP_DEBUG_ADDR": ":5001"}, "REGISTRY_HTTP_DEBUG_ADDR", "owns"),
+    ("whole http section", {"REGISTRY_HTTP": "{}"}, "REGISTRY_HTTP", "owns"),
+    ("typo", {"ACME_DOMAIN": "registry.test"}, "ACME_DOMAIN", "did you mean ACME_DOMAINS"),
+    ("log level", {"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "info"),
+    ("drain", {"REGISTRY_HTTP_DRAINTIMEOUT": "soon"}, "REGISTRY_HTTP_DRAINTIMEOUT", "duration"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "variable", "fragment"),
+    [case[1:] for case in INVALID],
+    ids=[case[0] for case in INVALID],
+)
+def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, variable, fragment):
+    env = base_env(tmp_path)
+    not_pem = tmp_path / "not-pem.txt"
+    not_pem.write_text("hello\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep").write_text("operator file\n")
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value.replace("@notpem", str(not_pem))
+    before = snapshot(tmp_path / "certs", tmp_path / "data")
+
+    result = run_cli(env, "run")
+
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"acme-registry: configuration error: {variable}: "), lines[0]
+    assert fragment in lines[0]
+    assert result.stdout == ""
+    assert snapshot(tmp_path / "certs", tmp_path / "data") == before
+
+
+def test_secret_is_not_echoed_in_the_error(tmp_path):
+    env = base_env(tmp_path)
+    env.update(ACME_EAB_KID="kid-1", ACME_EAB_HMAC_KEY="short")
+    result = run_cli(env, "run")
+    assert result.returncode == 2
+    assert "short" not in result.stderr.replace("shorter", "")
+
+
+def test_tls_settings_naming_our_own_files_are_accepted(tmp_path):
+    env = base_env(tmp_path)
+    env["REGISTRY_HTTP_TLS_CERTIFICATE"] = env["CERT_DIR"] + "/domain.crt"
+    env["REGISTRY_HTTP_TLS_KEY"] = env["CERT_DIR"] + "/domain.key"
+    result = run_cli(env, "check")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "certs").exists()

@@ -1,0 +1,133 @@
+"""`acme-registry run` as a real subprocess tree (supervisord, agent, registry) for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from tests.support.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AgentProcess:
+    """One `acme-registry run` with its own CERT_DIR, DATA_DIR, storage and ports."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.log_path = workdir / f"run-{int(time.time() * 1000)}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def environment(
+        cls,
+        workdir: Path,
+        *,
+        domains: str,
+        directory: str,
+        ca_bundle: Path,
+        http_port: int,
+        registry_binary: Path,
+        **extra: str,
+    ) -> dict[str, str]:
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(workdir),
+            "LANG": "C.UTF-8",
+            "ACME_DOMAINS": domains,
+            "ACME_DIRECTORY": directory,
+            "ACME_CA_BUNDLE": str(ca_bundle),
+            "ACME_HTTP_PORT": str(http_port),
+            "CERT_DIR": str(workdir / "certs"),
+            "DATA_DIR": str(workdir / "data"),
+            "REGISTRY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+            "REGISTRY_BINARY": str(registry_binary),
+            "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(workdir / "storage"),
+            "REGISTRY_HTTP_DRAINTIMEOUT": "5s",
+        }
+        env.update(extra)
+        return env
+
+    @property
+    def registry_port(self) -> int:
+        return int(self.env["REGISTRY_HTTP_ADDR"].rsplit(":", 1)[1])
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["DATA_DIR"])
+
+    @property
+    def cert_dir(self) -> Path:
+        return Path(self.env["CERT_DIR"])
+
+    def start(self) -> AgentProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"run-{int(time.time() * 1000)}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "acme_registry", "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def cli(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "acme_registry", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"acme-registry run exited {self.proc.returncode}:\n{self.log()}"
+                )
+            if self.cli("health", "--ready").returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM to the top process, as `docker stop` does; returns its exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"did not stop within {timeout} s:\n{self.log()}") from None
+        finally:
+            # Anything left in the session (a stuck child) must not outlive the test.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

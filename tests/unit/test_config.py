@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from acme_registry.config import LETSENCRYPT, LETSENCRYPT_STAGING, ConfigError, load_settings
+
+BASE = {"ACME_DOMAINS": "Registry.Example.com, mirror.example.com.", "REGISTRY_BINARY": "/bin/sh"}
+
+
+def test_defaults():
+    s = load_settings(BASE)
+    assert s.domains == ("registry.example.com", "mirror.example.com")
+    assert s.directory == LETSENCRYPT
+    assert s.key_type == "ec256"
+    assert s.http_port == 80
+    assert (s.registry_addr.host, s.registry_addr.port) == ("", 443)
+    assert s.cert_dir == Path("/certs") and s.data_dir == Path("/data")
+    assert s.drain_seconds == 30
+    assert s.email is None and s.eab_kid is None
+
+
+def test_staging_alias_and_ipv6_address():
+    s = load_settings(
+        {**BASE, "ACME_DIRECTORY": "letsencrypt-staging", "REGISTRY_HTTP_ADDR": "[::1]:8443"}
+    )
+    assert s.directory == LETSENCRYPT_STAGING
+    assert (s.registry_addr.host, s.registry_addr.port) == ("::1", 8443)
+
+
+def test_registry_variables_pass_through_except_ours():
+    env = {**BASE, "REGISTRY_STORAGE_S3_BUCKET": "b", "REGISTRY_LOG_LEVEL": "debug"}
+    s = load_settings(env)
+    assert s.registry_env == {"REGISTRY_STORAGE_S3_BUCKET": "b", "REGISTRY_LOG_LEVEL": "debug"}
+
+
+def test_owned_setting_is_rejected_case_insensitively():
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, "registry_http_secret": "x"})
+    assert error.value.variable == "registry_http_secret"
+
+
+def test_drain_duration_in_minutes():
+    assert load_settings({**BASE, "REGISTRY_HTTP_DRAINTIMEOUT": "2m"}).drain_seconds == 120
+
+
+def test_eab_key_from_file(tmp_path):
+    key_file = tmp_path / "hmac"
+    key_file.write_text("zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W\n")
+    s = load_settings({**BASE, "ACME_EAB_KID": "kid-1", "ACME_EAB_HMAC_KEY_FILE": str(key_file)})
+    assert s.eab_kid == "kid-1"
+    assert s.eab_hmac_key and s.eab_hmac_key.startswith("zWND")
+    assert "zWND" not in repr(s)

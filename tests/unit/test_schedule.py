@@ -1,0 +1,38 @@
+import datetime as dt
+
+from acme_registry import schedule
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_ninety_day_certificate_renews_with_a_third_left():
+    plan = schedule.lifetime_renewal(T0, T0 + dt.timedelta(days=90))
+    assert plan.at == T0 + dt.timedelta(days=60)
+    assert "third" in plan.reason
+
+
+def test_short_lived_certificate_renews_at_half():
+    plan = schedule.lifetime_renewal(T0, T0 + dt.timedelta(hours=160))
+    assert plan.at == T0 + dt.timedelta(hours=80)
+    assert "half" in plan.reason
+
+
+def test_backoff_goes_1_10_100_minutes_then_daily():
+    delays = [schedule.backoff_delay(n, have_certificate=True) for n in range(1, 6)]
+    assert delays == [
+        dt.timedelta(minutes=1),
+        dt.timedelta(minutes=10),
+        dt.timedelta(minutes=100),
+        dt.timedelta(days=1),
+        dt.timedelta(days=1),
+    ]
+
+
+def test_backoff_without_a_certificate_stays_at_100_minutes():
+    assert schedule.backoff_delay(7, have_certificate=False) == dt.timedelta(minutes=100)
+
+
+def test_next_attempt_honours_a_later_retry_after():
+    later = T0 + dt.timedelta(hours=3)
+    assert schedule.next_attempt(T0, 1, True, retry_after=later) == later
+    assert schedule.next_attempt(T0, 1, True, retry_after=T0) == T0 + dt.timedelta(minutes=1)
