@@ -1,12 +1,15 @@
-"""``acme-registry run``: prepare the directories, then become supervisord.
+"""``acme-registry run``: prepare the directories, then run supervisord.
 
-supervisord (PID 1 in the container) reaps children, forwards SIGTERM and supervises the
-agent and the registry generations; its configuration is entrypoint/supervisord.conf.
+supervisord, running in this process (PID 1 in the container), reaps children, handles
+SIGTERM and supervises the agent and the registry generations; its configuration is
+entrypoint/supervisord.conf.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from importlib import resources
@@ -74,14 +77,60 @@ def launch(settings: Settings) -> int:
         socket_path.unlink()
     conf = supervisord_conf()
     env = supervisord_environment(settings)
+    os.environ.clear()  # supervisord passes its own environment to every program
+    os.environ.update(env)
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork() == 0:
         _wake_supervisord(socket_path)
         os._exit(0)
-    argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)]
-    os.execve(sys.executable, argv, env)
-    return 1  # not reached
+    return _run_supervisord(conf)
+
+
+def _run_supervisord(conf: Path) -> int:
+    """Run supervisord in this process (PID 1 in the container) until it shuts down.
+
+    In-process rather than exec'd, so that when a program gives up (FATAL) we can shut
+    everything down and exit non-zero: the orchestrator then sees the failure and restarts
+    the container. supervisord itself has no way to choose its exit status.
+    """
+    from supervisor import events, supervisord
+    from supervisor.medusa import asyncore_25 as asyncore
+    from supervisor.options import ServerOptions
+    from supervisor.states import SupervisorStates
+
+    gave_up: list[str] = []
+
+    def on_fatal(event: events.ProcessStateFatalEvent) -> None:
+        gave_up.append(event.process.config.name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    class Supervisord(supervisord.Supervisor):  # type: ignore[misc]
+        def runforever(self) -> None:
+            # run() clears every event subscription just before this; subscribe here.
+            events.subscribe(events.ProcessStateFatalEvent, on_fatal)
+            super().runforever()
+
+    first = True
+    while True:  # the same loop as supervisord.main(): SIGHUP restarts in place
+        options = ServerOptions()
+        options.realize(["-n", "-c", str(conf)], doc=supervisord.__doc__)
+        options.first = first
+        options.test = False
+        with contextlib.suppress(asyncore.ExitNow):  # how supervisord ends its loop
+            Supervisord(options).main()
+        options.close_httpservers()
+        options.close_logger()
+        first = False
+        if options.mood < SupervisorStates.RESTARTING or gave_up:
+            break
+    if gave_up:
+        print(
+            f"acme-registry: {', '.join(gave_up)} kept failing and gave up; exiting with status 1",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _wake_supervisord(socket_path: Path) -> None:

@@ -256,3 +256,14 @@ def test_port_80_responder_of_the_running_agent(tmp_path, pebble_factory, regist
         assert probe.stdout == "404"
     finally:
         agent.stop()
+
+
+def test_a_registry_that_keeps_failing_ends_run_with_status_1(tmp_path, pebble_factory):
+    # supervisord gives up on a registry that exits at once (FATAL); the orchestrator must
+    # see a failed container, not a healthy-looking one without a registry.
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, Path("/bin/false"))
+    assert agent.proc is not None
+    status = agent.proc.wait(timeout=60)
+    assert status == 1, agent.log()
+    assert "gave up" in agent.log()
