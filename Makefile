@@ -17,8 +17,8 @@ integration: system-deps venv
 	$(BIN)/pytest tests/integration
 
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 # Installs only what is missing, so a second run costs nothing.
 system-deps:
