@@ -17,11 +17,14 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
-from . import schedule
+from cryptography import x509
+
+from . import ari, schedule
 from .certstore import CertificatePair, CertStore, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
@@ -33,6 +36,8 @@ from .storage import FileStorage, ensure_private_dir
 log = logging.getLogger(__name__)
 
 ISSUANCE_TIMEOUT = 300
+MAX_SLEEP = 12 * 3600
+ARI_STATE = "state/ari.json"
 PROBE_TIMEOUT = 3.0
 
 
@@ -42,6 +47,22 @@ def utcnow() -> dt.datetime:
 
 def issued_key(fingerprint: str) -> str:
     return f"issued/{fingerprint}.json"
+
+
+class RenewRequest:
+    """`acme-registry renew` waiting for the maintenance loop to renew and rotate."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._answer: dict[str, Any] = {"ok": False, "error": "the renewal did not finish"}
+
+    def finish(self, answer: dict[str, Any]) -> None:
+        self._answer = answer
+        self._done.set()
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        self._done.wait(timeout)
+        return self._answer
 
 
 @dataclass
@@ -69,11 +90,21 @@ class Agent:
         )
         self.control = ControlServer(
             settings.control_socket,
-            {"health": self._health, "ready": self._ready, "status": self._status},
+            {
+                "health": self._health,
+                "ready": self._ready,
+                "status": self._status,
+                "renew": self._renew,
+            },
         )
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._next_check: dt.datetime | None = None
+        self._plan: schedule.RenewalPlan | None = None
+        self._renew_request: RenewRequest | None = None
+        self._directory: dict[str, object] | None = None
+        self._directory_at = 0.0
+        self._tls_to_ca = ari.ssl_context(str(settings.ca_bundle) if settings.ca_bundle else None)
         self._config_id = self._config_fingerprint()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -121,27 +152,110 @@ class Agent:
     def _maintain(self) -> float:
         """Bring the served certificate up to date; return seconds until the next look."""
         now = utcnow()
+        renew = self._renew_request
+        self._renew_request = None
         pair, problem = self._current_pair(now)
+        replaces = None
         if pair is not None and problem is None:
             self._serve(pair)
-            plan = schedule.lifetime_renewal(pair.not_before, pair.not_after)
-            if now < plan.at:
-                self._next_check = plan.at
-                return _seconds_until(plan.at, now, cap=12 * 3600)
-            log.info("renewal due (%s)", plan.reason)
+            plan, recheck = self._renewal_plan(pair, now)
+            self._plan = plan
+            if renew is None and now < plan.at:
+                self._next_check = min(plan.at, recheck) if recheck else plan.at
+                return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
+            log.info("renewing: %s", "requested" if renew else f"due ({plan.reason})")
+            replaces = self._replaces(pair)
         elif problem:
             log.info("the stored certificate cannot be served: %s", problem)
 
         backoff = self._load_backoff()
-        if backoff.next_attempt and now < dt.datetime.fromisoformat(backoff.next_attempt):
-            when = dt.datetime.fromisoformat(backoff.next_attempt)
-            self._next_check = when
-            return _seconds_until(when, now, cap=12 * 3600)
+        if renew is not None:
+            backoff = Backoff(config=self._config_id)  # `acme-registry renew` starts over
+        elif backoff.next_attempt and now < dt.datetime.fromisoformat(backoff.next_attempt):
+            self._next_check = dt.datetime.fromisoformat(backoff.next_attempt)
+            return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
 
-        if self._issue():
-            self._save_backoff(Backoff(config=self._config_id))
-            return 0.0
-        return 1.0
+        answer = self._issue(["--replaces", replaces] if replaces else [])
+        self._record_attempt(backoff, answer, now)
+        if answer.get("ok"):
+            fresh, fresh_problem = self._current_pair(utcnow())
+            if fresh is not None and fresh_problem is None:
+                self._serve(fresh)
+        if renew is not None:
+            renew.finish(answer)
+        return 0.0 if answer.get("ok") else 1.0
+
+    def _renewal_plan(
+        self, pair: CertificatePair, now: dt.datetime
+    ) -> tuple[schedule.RenewalPlan, dt.datetime | None]:
+        """When to renew: inside the CA's ARI window when it offers one, else by lifetime.
+
+        Returns the plan and when to fetch the ARI window again (None without ARI).
+        """
+        renewal_info_url = self._directory_field("renewalInfo")
+        fallback = schedule.lifetime_renewal(pair.not_before, pair.not_after)
+        if not isinstance(renewal_info_url, str):
+            return fallback, None
+        cert_id = ari.cert_id(pair.leaf)
+        state = self.storage.load_json(ARI_STATE) or {}
+        if state.get("cert_id") != cert_id:
+            state = {"cert_id": cert_id}
+        next_fetch = state.get("next_fetch")
+        if next_fetch is None or now >= dt.datetime.fromisoformat(next_fetch):
+            state = self._fetch_ari(renewal_info_url, pair, state, now)
+            self.storage.store_json(ARI_STATE, state)
+        recheck = dt.datetime.fromisoformat(state["next_fetch"])
+        if "chosen" not in state:
+            return fallback, recheck
+        reason = f"inside the CA's ARI window {state['start']} - {state['end']}"
+        return schedule.RenewalPlan(dt.datetime.fromisoformat(state["chosen"]), reason), recheck
+
+    def _fetch_ari(
+        self, url: str, pair: CertificatePair, state: dict[str, Any], now: dt.datetime
+    ) -> dict[str, Any]:
+        try:
+            info = ari.fetch(url, pair.leaf, self._tls_to_ca, now)
+        except (OSError, ValueError) as error:
+            log.warning("renewal information unavailable (%s); asking again later", error)
+            delay = min(ari.ERROR_RECHECK, self.settings.ari_max_recheck)
+            return {**state, "next_fetch": (now + delay).isoformat()}
+        window = (info.start.isoformat(), info.end.isoformat())
+        if (state.get("start"), state.get("end")) != window:
+            chosen = ari.choose_instant(info)
+            log.info(
+                "the CA suggests renewing between %s and %s; chose %s%s",
+                *window,
+                chosen.isoformat(),
+                f" (why: {info.explanation_url})" if info.explanation_url else "",
+            )
+            state = {**state, "start": window[0], "end": window[1], "chosen": chosen.isoformat()}
+        if info.explanation_url:
+            state["explanation_url"] = info.explanation_url
+        delay = min(info.recheck_after, self.settings.ari_max_recheck)
+        return {**state, "next_fetch": (now + delay).isoformat()}
+
+    def _directory_field(self, name: str) -> object:
+        """A field of the ACME directory, fetched at most once an hour."""
+        now = time.monotonic()
+        if self._directory is None or now - self._directory_at > 3600:
+            try:
+                self._directory = ari.directory(self.settings.directory, self._tls_to_ca)
+                self._directory_at = now
+            except (OSError, ValueError) as error:
+                log.warning("the ACME directory is unreachable: %s", error)
+                return None
+        return self._directory.get(name)
+
+    def _replaces(self, pair: CertificatePair) -> str | None:
+        """The ARI ID of the certificate a renewal replaces (same names, ARI offered)."""
+        if pair.names != frozenset(self.settings.domains):
+            return None
+        if not isinstance(self._directory_field("renewalInfo"), str):
+            return None
+        try:
+            return ari.cert_id(pair.leaf)
+        except (ValueError, x509.ExtensionNotFound):
+            return None
 
     def _current_pair(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
         try:
@@ -168,28 +282,38 @@ class Agent:
             log.info("rotating the registry to %s", pair.describe())
             self.generations.rotate()
 
-    def _issue(self) -> bool:
+    def _issue(self, extra: list[str], dry_run: bool = False) -> dict[str, Any]:
         """Run one order in a child process; it stores the pair on success."""
-        now = utcnow()
-        log.info("obtaining a certificate for %s", ", ".join(self.settings.domains))
+        what = "a dry-run certificate" if dry_run else "a certificate"
+        log.info("obtaining %s for %s", what, ", ".join(self.settings.domains))
+        command = [sys.executable, "-m", "acme_registry", "issue", *extra]
+        if dry_run:
+            command.append("--dry-run")
         try:
             child = subprocess.run(
-                [sys.executable, "-m", "acme_registry", "issue"],
-                stdout=subprocess.PIPE,
-                timeout=ISSUANCE_TIMEOUT,
-                check=False,
+                command, stdout=subprocess.PIPE, timeout=ISSUANCE_TIMEOUT, check=False
             )
             answer = json.loads(child.stdout.decode().strip().splitlines()[-1])
         except (subprocess.TimeoutExpired, ValueError, IndexError):
             answer = {"ok": False, "error": "the issuing process gave no answer"}
         finally:
-            self.challenges.clear()
+            if not dry_run:
+                self.challenges.clear()
+        return answer if isinstance(answer, dict) else {"ok": False, "error": "bad answer"}
+
+    def _record_attempt(self, backoff: Backoff, answer: dict[str, Any], now: dt.datetime) -> None:
         if answer.get("ok"):
-            return True
-        backoff = self._load_backoff()
+            self._save_backoff(Backoff(last_attempt=now.isoformat(), config=self._config_id))
+            return
         failures = backoff.failures + 1
         have_cert = self.certs.tls_file.exists()
-        when = schedule.next_attempt(now, failures, have_cert)
+        retry_after = answer.get("retry_after")
+        when = schedule.next_attempt(
+            now,
+            failures,
+            have_cert,
+            dt.datetime.fromisoformat(retry_after) if retry_after else None,
+        )
         self._save_backoff(
             Backoff(
                 failures=failures,
@@ -199,12 +323,12 @@ class Agent:
                 config=self._config_id,
             )
         )
+        self._next_check = when
         log.error(
             "could not obtain a certificate: %s; next attempt at %s",
             answer.get("error"),
             f"{when:%Y-%m-%d %H:%M:%S} UTC",
         )
-        return False
 
     # -- backoff state -------------------------------------------------------------
 
@@ -245,6 +369,14 @@ class Agent:
             return {"ok": False, "error": f"the registry answered /v2/ with {status}"}
         return {"ok": True, "not_after": pair.not_after.isoformat()}
 
+    def _renew(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("dry_run"):
+            return self._issue([], dry_run=True)
+        renew = RenewRequest()
+        self._renew_request = renew
+        self._wake.set()
+        return renew.wait(ISSUANCE_TIMEOUT + 60)
+
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()
         pair, problem = self._current_pair(now)
@@ -259,7 +391,7 @@ class Agent:
             "backoff": asdict(backoff),
         }
         if pair is not None:
-            plan = schedule.lifetime_renewal(pair.not_before, pair.not_after)
+            plan = self._plan or schedule.lifetime_renewal(pair.not_before, pair.not_after)
             answer["certificate"] = {
                 "names": sorted(pair.names),
                 "issuer": pair.issuer,

@@ -23,7 +23,7 @@ EXIT_CONFIG = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{run,check,health,status}"
+        dest="command", required=True, metavar="{run,check,health,status,renew}"
     )
     commands.add_parser("run", help="start supervisord, the agent and the registry")
     commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
@@ -33,11 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     status = commands.add_parser("status", help="the certificate and renewal state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    renew = commands.add_parser("renew", help="renew now through the running agent")
+    renew.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="a full order against the staging (dry-run) directory; the live certificate stays",
+    )
     commands.add_parser("agent", help=argparse.SUPPRESS)
-    commands.add_parser("issue", help=argparse.SUPPRESS)
+    issue = commands.add_parser("issue", help=argparse.SUPPRESS)
+    issue.add_argument("--replaces", default=None)
+    issue.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.command in ("health", "status"):
+    if args.command in ("health", "status", "renew"):
         return _ask_agent(args)
     settings = _settings_or_exit()
     if isinstance(settings, int):
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return Agent(settings).run()
     from .issuer import obtain_and_store
 
-    result = obtain_and_store(settings)
+    result = obtain_and_store(settings, replaces=args.replaces, dry_run=args.dry_run)
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 
@@ -88,8 +96,10 @@ def _ask_agent(args: argparse.Namespace) -> int:
     data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
     socket_path = data_dir / "run" / "agent.sock"
     command = "ready" if getattr(args, "ready", False) else args.command
+    fields = {"dry_run": True} if getattr(args, "dry_run", False) else {}
     try:
-        answer = request(socket_path, command)
+        # A renewal waits for a whole order; the rest answer at once.
+        answer = request(socket_path, command, timeout=600 if command == "renew" else 10, **fields)
     except OSError as error:
         print(
             f"acme-registry: the agent does not answer on {socket_path}: {error}", file=sys.stderr
@@ -97,6 +107,15 @@ def _ask_agent(args: argparse.Namespace) -> int:
         return 1
     if args.command == "status":
         print(json.dumps(answer, indent=2) if args.json else _format_status(answer))
+        return 0
+    if command == "renew":
+        if not answer.get("ok"):
+            print(f"acme-registry: renewal failed: {answer.get('error')}", file=sys.stderr)
+            return 1
+        what = (
+            "dry run succeeded: the CA issued" if answer.get("dry_run") else "renewed: now serving"
+        )
+        print(f"{what} serial {answer.get('serial')}, valid until {answer.get('not_after')}")
         return 0
     if not answer.get("ok"):
         print(f"not {'ready' if command == 'ready' else 'healthy'}: {answer.get('error')}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import difflib
 import hashlib
 import ipaddress
@@ -37,6 +38,8 @@ KNOWN_VARIABLES = (
     "ACME_EAB_HMAC_KEY",
     "ACME_EAB_HMAC_KEY_FILE",
     "ACME_KEY_TYPE",
+    "ACME_PROFILE",
+    "ACME_DRY_RUN_DIRECTORY",
     "ACME_HTTP_PORT",
     "CERT_DIR",
     "DATA_DIR",
@@ -93,6 +96,8 @@ class Settings:
     registry_addr: ListenAddress
     registry_binary: Path
     key_type: str = "ec256"
+    profile: str | None = None
+    dry_run_directory: str = LETSENCRYPT_STAGING
     email: str | None = None
     ca_bundle: Path | None = None
     eab_kid: str | None = None
@@ -102,6 +107,9 @@ class Settings:
     registry_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # TLS files an operator pointed the registry at; accepted only when they are ours.
     registry_tls_files: tuple[Path, ...] = ()
+    # The longest wait between two ARI fetches (Let's Encrypt: at least twice a day).
+    # Internal: tests shorten it with ACME_REGISTRY_ARI_MAX_RECHECK (seconds).
+    ari_max_recheck: dt.timedelta = dt.timedelta(hours=12)
 
     @property
     def directory_id(self) -> str:
@@ -151,6 +159,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         eab_kid=eab_kid,
         eab_hmac_key=eab_key,
         key_type=_choice(env, "ACME_KEY_TYPE", KEY_TYPES, "ec256"),
+        profile=_profile(env.get("ACME_PROFILE", "").strip() or None),
+        dry_run_directory=_directory(
+            env.get("ACME_DRY_RUN_DIRECTORY", "").strip() or "letsencrypt-staging",
+            "ACME_DRY_RUN_DIRECTORY",
+        ),
         http_port=_port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80")),
         cert_dir=cert_dir,
         data_dir=data_dir,
@@ -163,6 +176,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
         registry_env=registry_env,
         registry_tls_files=tls_files,
+        ari_max_recheck=dt.timedelta(
+            seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
+        ),
     )
 
 
@@ -215,15 +231,20 @@ def _email(value: str | None) -> str | None:
     return value
 
 
-def _directory(value: str) -> str:
+def _directory(value: str, variable: str = "ACME_DIRECTORY") -> str:
     url = DIRECTORY_ALIASES.get(value.lower(), value)
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         aliases = ", ".join(DIRECTORY_ALIASES)
-        raise ConfigError(
-            "ACME_DIRECTORY", f"{value!r} is neither an https:// URL nor one of: {aliases}"
-        )
+        raise ConfigError(variable, f"{value!r} is neither an https:// URL nor one of: {aliases}")
     return url
+
+
+def _profile(value: str | None) -> str | None:
+    # Whether the CA offers it is checked against its directory before any order.
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ConfigError("ACME_PROFILE", f"{value!r} is not a profile name")
+    return value
 
 
 def _readable_file(variable: str, value: str) -> Path:

@@ -8,6 +8,7 @@ network and 5xx errors.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -15,21 +16,25 @@ from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
 
+import josepy as jose
 import requests
 from acme import challenges as acme_challenges
 from acme import client as acme_client
 from acme import errors, messages
+from cryptography import x509
 
 from . import __version__, keys
 from .account import ACCOUNT_ALG, Account
 from .certstore import CertificatePair, parse_pair
 from .challenges import PendingChallenges
 from .config import Settings
+from .storage import FileStorage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PENDING_ORDER = "orders/pending.json"
 ORDER_TIMEOUT = 180.0
 NETWORK_TIMEOUT = 30
 BAD_NONCE_RETRIES = 10
@@ -39,24 +44,89 @@ POLL_MAX = 2.0
 
 
 class IssuanceError(Exception):
-    """An order failed; ``str()`` is one line naming the step and the CA's reason."""
+    """An order failed; ``str()`` is one line naming the step and the CA's reason.
+
+    ``retry_after`` is when the CA asked us to come back (rate limits), if it said so.
+    """
+
+    def __init__(self, message: str, retry_after: dt.datetime | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NewOrder(messages.NewOrder):
+    """newOrder with RFC 9773's ``replaces``, which the acme library lacks."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+class Network(acme_client.ClientNetwork):
+    """Remembers the last response, for the Retry-After of a refused request."""
+
+    last_response: requests.Response | None = None
+
+    def _send_request(
+        self, method: str, url: str, *args: object, **kwargs: object
+    ) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        self.last_response = response
+        return response
+
+
+def choose_profile(offered: dict[str, str] | None, wanted: str | None) -> str | None:
+    """The profile to send: the configured one, else the CA's standard one when it lists any.
+
+    A CA that lists profiles may pick one at random for an order that names none.
+    """
+    if not offered:
+        if wanted:
+            raise IssuanceError(f"ACME_PROFILE: the CA offers no profiles, not even {wanted!r}")
+        return None
+    if wanted:
+        if wanted not in offered:
+            raise IssuanceError(
+                f"ACME_PROFILE: {wanted!r} is not offered by the CA "
+                f"(it offers: {', '.join(sorted(offered))})"
+            )
+        return wanted
+    for standard in ("classic", "default"):
+        if standard in offered:
+            return standard
+    return None
 
 
 class Issuer:
-    def __init__(self, settings: Settings, account: Account, challenges: PendingChallenges) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: FileStorage,
+        account: Account,
+        challenges: PendingChallenges,
+    ) -> None:
         self.settings = settings
+        self.storage = storage
         self.account = account
         self.challenges = challenges
+        self.net: Network | None = None
 
-    def obtain(self) -> CertificatePair:
-        """Place one order for every configured name and return the issued pair."""
+    def obtain(self, replaces: str | None = None) -> CertificatePair:
+        """Place one order for every configured name and return the issued pair.
+
+        ``replaces`` is the ARI certificate ID of the certificate this one renews.
+        """
         deadline = time.monotonic() + ORDER_TIMEOUT
         client = self._client()
         self._ensure_account(client)
+        resumed = self._resume_pending(client, deadline)
+        if resumed is not None:
+            return resumed
 
+        profile = choose_profile(client.directory.meta.profiles, self.settings.profile)
+        if not _offers_ari(client.directory):
+            replaces = None  # RFC 9773 5: only to a CA that advertises ARI
         key = keys.generate_key(self.settings.key_type)
         csr = keys.make_csr(key, self.settings.domains)
-        order = self._call("new order", partial(client.new_order, csr), client)
+        order = self._new_order(client, csr, profile, replaces)
         log.info("order placed for %s: %s", ", ".join(self.settings.domains), order.uri)
 
         answered = []
@@ -71,14 +141,104 @@ class Issuer:
             for token in answered:
                 self.challenges.remove(token)
 
-        order = self._finalize(client, order, csr, deadline)
-        pair = parse_pair(order.fullchain_pem.encode(), keys.key_to_pem(key))
+        # Recorded before finalizing: an agent killed after this point picks up the
+        # issued certificate on its next start instead of placing another order.
+        self._remember_pending(order.uri, key)
+        return self._complete(client, order.uri, key, csr, deadline)
+
+    def _new_order(
+        self,
+        client: acme_client.ClientV2,
+        csr: bytes,
+        profile: str | None,
+        replaces: str | None,
+    ) -> messages.OrderResource:
+        identifiers = [
+            messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name)
+            for name in self.settings.domains
+        ]
+        request = NewOrder(identifiers=identifiers, profile=profile, replaces=replaces)
+        try:
+            response = self._call(
+                "new order", partial(client._post, client.directory["newOrder"], request), client
+            )
+        except IssuanceError as error:
+            if replaces is None:
+                raise
+            # The old certificate may belong to another account, be unknown to this CA,
+            # or be replaced already: RFC 9773 lets the CA refuse; order plainly instead.
+            log.warning(
+                "the CA refused to mark %s as replaced (%s); ordering without it", replaces, error
+            )
+            return self._new_order(client, csr, profile, None)
+        body = messages.Order.from_json(response.json())
+        authorizations = [
+            client._authzr_from_response(
+                self._call("fetch authorization", partial(client._post_as_get, url), client),
+                uri=url,
+            )
+            for url in body.authorizations
+        ]
+        if replaces:
+            log.info("renewal order replaces %s", replaces)
+        return messages.OrderResource(
+            body=body,
+            uri=response.headers.get("Location"),
+            authorizations=authorizations,
+            csr_pem=csr,
+        )
+
+    def _remember_pending(self, order_url: str, key: keys.PrivateKey) -> None:
+        self.storage.store_json(
+            PENDING_ORDER,
+            {
+                "url": order_url,
+                "directory": self.settings.directory,
+                "names": list(self.settings.domains),
+                "key": keys.key_to_pem(key).decode(),
+            },
+        )
+
+    def _resume_pending(
+        self, client: acme_client.ClientV2, deadline: float
+    ) -> CertificatePair | None:
+        """Finish an order an earlier process finalized but did not see through."""
+        pending = self.storage.load_json(PENDING_ORDER)
+        if not pending:
+            return None
+        self.storage.delete(PENDING_ORDER)
+        if pending.get("directory") != self.settings.directory or pending.get("names") != list(
+            self.settings.domains
+        ):
+            return None
+        log.info("resuming the order %s left by an earlier run", pending["url"])
+        try:
+            key = keys.load_key(pending["key"].encode())
+            csr = keys.make_csr(key, self.settings.domains)
+            self._remember_pending(pending["url"], key)
+            return self._complete(client, pending["url"], key, csr, deadline)
+        except (IssuanceError, ValueError, KeyError) as error:
+            log.warning("the earlier order cannot be completed (%s); placing a new one", error)
+            self.storage.delete(PENDING_ORDER)
+            return None
+
+    def _complete(
+        self,
+        client: acme_client.ClientV2,
+        order_url: str,
+        key: keys.PrivateKey,
+        csr: bytes,
+        deadline: float,
+    ) -> CertificatePair:
+        chain = self._finalize(client, order_url, csr, deadline)
+        pair = parse_pair(chain.encode(), keys.key_to_pem(key))
+        self.storage.delete(PENDING_ORDER)
         log.info("certificate issued: %s", pair.describe())
         return pair
 
     def _client(self) -> acme_client.ClientV2:
         verify: str | bool = str(self.settings.ca_bundle) if self.settings.ca_bundle else True
-        net = acme_client.ClientNetwork(
+        net = self.net = Network(
             key=self.account.key(),
             alg=ACCOUNT_ALG,
             verify_ssl=verify,  # type: ignore[arg-type]  # requests takes a bundle path too
@@ -131,30 +291,29 @@ class Issuer:
             pause = _sleep_before_poll(response, pause, deadline, f"validation of {name}")
 
     def _finalize(
-        self,
-        client: acme_client.ClientV2,
-        order: messages.OrderResource,
-        csr: bytes,
-        deadline: float,
-    ) -> messages.OrderResource:
+        self, client: acme_client.ClientV2, order_url: str, csr: bytes, deadline: float
+    ) -> str:
+        """Finalize the order when it is ready and return the chain once it is valid."""
         pause = POLL_FIRST
         finalized = False
         while True:
-            response = self._call("poll order", partial(client._post_as_get, order.uri), client)
+            response = self._call("poll order", partial(client._post_as_get, order_url), client)
             body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_INVALID:
-                reason = body.error.detail if body.error else "no reason given"
+                reason = _describe(body.error) if body.error else "no reason given"
                 raise IssuanceError(f"the CA refused the order: {reason}")
             if body.status == messages.STATUS_VALID and body.certificate:
                 chain = self._call(
                     "download certificate", partial(client._post_as_get, body.certificate), client
                 )
-                return order.update(body=body, fullchain_pem=chain.text)
+                return chain.text
             if body.status == messages.STATUS_READY and not finalized:
-                order = order.update(body=body, csr_pem=csr)
-                order = self._call("finalize", partial(client.begin_finalization, order), client)
+                request = messages.CertificateRequest(csr=x509.load_pem_x509_csr(csr))
+                self._call("finalize", partial(client._post, body.finalize, request), client)
                 finalized = True
                 continue
+            if body.status == messages.STATUS_PENDING:
+                raise IssuanceError("the order's authorizations are not valid")
             pause = _sleep_before_poll(response, pause, deadline, "the order")
 
     def _call(self, step: str, action: Callable[[], T], client: acme_client.ClientV2) -> T:
@@ -169,6 +328,13 @@ class Issuer:
         self._retry("account registration", lambda: self.account.register(client))
         return self._retry(step, action)
 
+    def _retry_after(self) -> dt.datetime | None:
+        response = self.net.last_response if self.net else None
+        if response is None or "Retry-After" not in response.headers:
+            return None
+        when = acme_client.ClientV2.retry_after(response, default=0)
+        return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when
+
     def _retry(self, step: str, action: Callable[[], T]) -> T:
         bad_nonces = transient = 0
         while True:
@@ -182,7 +348,7 @@ class Issuer:
                     transient += 1
                     time.sleep(0.25 * 2**transient)
                     continue
-                raise IssuanceError(f"{step}: {_describe(error)}") from None
+                raise IssuanceError(f"{step}: {_describe(error)}", self._retry_after()) from None
             except (requests.ConnectionError, requests.Timeout, errors.ClientError) as error:
                 if transient < TRANSIENT_RETRIES and not _is_client_side(error):
                     transient += 1
@@ -206,6 +372,14 @@ def _sleep_before_poll(
         raise IssuanceError(f"timed out waiting for {what}")
     time.sleep(min(wait, remaining))
     return min(pause * 2, POLL_MAX)
+
+
+def _offers_ari(directory: messages.Directory) -> bool:
+    try:
+        directory["renewalInfo"]
+    except KeyError:
+        return False
+    return True
 
 
 def _challenge_error(authz: messages.AuthorizationResource) -> str:
@@ -238,33 +412,56 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-def obtain_and_store(settings: Settings) -> dict[str, object]:
+def obtain_and_store(
+    settings: Settings, replaces: str | None = None, dry_run: bool = False
+) -> dict[str, object]:
     """The issuing child process: one order, then the pair into CERT_DIR.
 
     The issuance record goes to DATA_DIR before the pair is switched in, so a pair in
-    CERT_DIR that we issued always has its record (and its directory) on file.
+    CERT_DIR that we issued always has its record (and its directory) on file. A dry run
+    orders from the dry-run directory and stores nothing.
     """
     from .certstore import CertStore
-    from .storage import FileStorage
 
+    if dry_run:
+        settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
+        replaces = None
     storage = FileStorage(settings.data_dir)
+    started = time.monotonic()
     try:
         with storage.lock("issuance"):
-            pair = Issuer(settings, Account(settings, storage), PendingChallenges(storage)).obtain()
-            storage.store_json(
-                f"issued/{pair.fingerprint}.json",
-                {
-                    "directory": settings.directory,
-                    "issued_at": dt.datetime.now(dt.UTC).isoformat(),
-                    "names": sorted(pair.names),
-                },
+            issuer = Issuer(
+                settings, storage, Account(settings, storage), PendingChallenges(storage)
             )
-            CertStore(settings.cert_dir).save(pair)
+            pair = issuer.obtain(replaces=replaces)
+            if not dry_run:
+                storage.store_json(
+                    f"issued/{pair.fingerprint}.json",
+                    {
+                        "directory": settings.directory,
+                        "issued_at": dt.datetime.now(dt.UTC).isoformat(),
+                        "names": sorted(pair.names),
+                    },
+                )
+                CertStore(settings.cert_dir).save(pair)
     except IssuanceError as error:
         log.error("%s", error)
-        return {"ok": False, "error": str(error)}
+        retry_after = error.retry_after.isoformat() if error.retry_after else None
+        return {
+            "ok": False,
+            "error": str(error),
+            "retry_after": retry_after,
+            "seconds": time.monotonic() - started,
+        }
     except OSError as error:
         message = f"cannot store the certificate: {error.strerror}: {error.filename}"
         log.error("%s", message)
-        return {"ok": False, "error": message}
-    return {"ok": True, "fingerprint": pair.fingerprint, "not_after": pair.not_after.isoformat()}
+        return {"ok": False, "error": message, "seconds": time.monotonic() - started}
+    return {
+        "ok": True,
+        "fingerprint": pair.fingerprint,
+        "serial": f"{pair.leaf.serial_number:x}",
+        "not_after": pair.not_after.isoformat(),
+        "dry_run": dry_run,
+        "seconds": time.monotonic() - started,
+    }

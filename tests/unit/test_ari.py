@@ -1,0 +1,75 @@
+import datetime as dt
+import random
+
+import pytest
+from cryptography import x509
+
+from acme_registry import ari
+
+# RFC 9773, Appendix A, and the CertID worked out in section 4.1.
+RFC_CERT = b"""-----BEGIN CERTIFICATE-----
+MIIBQzCB66ADAgECAgUAh2VDITAKBggqhkjOPQQDAjAVMRMwEQYDVQQDEwpFeGFt
+cGxlIENBMCIYDzAwMDEwMTAxMDAwMDAwWhgPMDAwMTAxMDEwMDAwMDBaMBYxFDAS
+BgNVBAMTC2V4YW1wbGUuY29tMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEeBZu
+7cbpAYNXZLbbh8rNIzuOoqOOtmxA1v7cRm//AwyMwWxyHz4zfwmBhcSrf47NUAFf
+qzLQ2PPQxdTXREYEnKMjMCEwHwYDVR0jBBgwFoAUaYhba4dGQEHhs3uEe6CuLN4B
+yNQwCgYIKoZIzj0EAwIDRwAwRAIge09+S5TZAlw5tgtiVvuERV6cT4mfutXIlwTb
++FYN/8oCIClDsqBklhB9KAelFiYt9+6FDj3z4KGVelYM5MdsO3pK
+-----END CERTIFICATE-----
+"""
+NOW = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+
+
+def test_cert_id_matches_the_rfc_example():
+    cert = x509.load_pem_x509_certificate(RFC_CERT)
+    assert ari.cert_id(cert) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+
+
+def test_parse_the_rfc_response():
+    body = (
+        b'{"suggestedWindow": {"start": "2025-01-02T04:00:00Z", "end": "2025-01-03T04:00:00Z"},'
+        b' "explanationURL": "https://acme.example.com/docs/ari"}'
+    )
+    info = ari.parse(body, "21600", NOW)
+    assert info.start == dt.datetime(2025, 1, 2, 4, tzinfo=dt.UTC)
+    assert info.end == dt.datetime(2025, 1, 3, 4, tzinfo=dt.UTC)
+    assert info.explanation_url == "https://acme.example.com/docs/ari"
+    assert info.recheck_after == dt.timedelta(hours=6)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b'{"suggestedWindow": {"start": "2025-01-03T04:00:00Z", "end": "2025-01-02T04:00:00Z"}}',
+        b'{"suggestedWindow": {"start": "2025-01-02T04:00:00Z", "end": "2025-01-02T04:00:00Z"}}',
+        b'{"suggestedWindow": {"start": "yesterday", "end": "2025-01-02T04:00:00Z"}}',
+    ],
+)
+def test_invalid_windows_are_errors(body):
+    with pytest.raises(ValueError):
+        ari.parse(body, "60", NOW)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, dt.timedelta(hours=6)),
+        ("5", dt.timedelta(minutes=1)),
+        ("3600", dt.timedelta(hours=1)),
+        ("172800", dt.timedelta(hours=12)),
+        ("Wed, 01 Jan 2025 02:00:00 GMT", dt.timedelta(hours=2)),
+        ("garbage", dt.timedelta(hours=6)),
+    ],
+)
+def test_recheck_delay_is_clamped(header, expected):
+    assert ari.recheck_delay(header, NOW) == expected
+
+
+def test_chosen_instant_is_inside_the_window_and_spread():
+    info = ari.RenewalInfo(NOW, NOW + dt.timedelta(hours=10), None, dt.timedelta(hours=6))
+    rng = random.Random(7)
+    picks = [ari.choose_instant(info, rng) for _ in range(200)]
+    assert all(info.start <= p <= info.end for p in picks)
+    assert max(picks) - min(picks) > dt.timedelta(hours=8)
