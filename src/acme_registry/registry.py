@@ -128,14 +128,26 @@ class RegistryGenerations:
     def rotate(self) -> str:
         """Replace the serving generation with a new one; the new one loads the new pair."""
         current = self.current()
+        began = time.monotonic()
+        stopped = closed = began
         if current is not None:
             self.supervisor.stop(current)
+            stopped = time.monotonic()
             if not wait_port_closed(self.addr.port, timeout=5.0):
                 log.warning(
                     "port %d still has a listener after 5 s; starting anyway", self.addr.port
                 )
+            closed = time.monotonic()
         started = self._start_free_slot()
-        log.info("registry generation %s started (was %s)", started, current or "none")
+        log.info(
+            "registry generation %s started (was %s): stop request %.1f ms, "
+            "listener gone %.1f ms later, start request %.1f ms",
+            started,
+            current or "none",
+            (stopped - began) * 1000,
+            (closed - stopped) * 1000,
+            (time.monotonic() - closed) * 1000,
+        )
         return started
 
     def _start_free_slot(self) -> str:

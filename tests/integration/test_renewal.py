@@ -1,0 +1,132 @@
+"""Renewal through the running agent, and the failure backoff, against Pebble 2.4."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from tests.integration.test_agent import NAME, fingerprint, served, start_agent
+from tests.support.clients import wait_for_tls
+from tests.support.ports import free_port
+
+
+def status(agent) -> dict:
+    result = agent.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_renew_rotates_the_registry_to_the_new_certificate(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        first = served(agent, pebble)
+        agent.wait_ready()
+        result = agent.cli("renew", timeout=120)
+        assert result.returncode == 0, result.stderr + agent.log()
+        assert "now serving serial" in result.stdout
+        second = wait_for_tls(
+            "127.0.0.1",
+            agent.registry_port,
+            NAME,
+            pebble.root_pem(),
+            timeout=10,
+            accept=lambda cert: fingerprint(cert) != fingerprint(first),
+        )
+        assert f"{second.serial_number:x}" in result.stdout
+        agent.wait_ready()
+        assert status(agent)["certificate"]["serial"] == f"{second.serial_number:x}"
+        assert pebble.orders_created() == 2
+    finally:
+        assert agent.stop() == 0
+    assert "(was registry:registry-0)" in agent.log()
+
+
+def test_failures_back_off_and_the_backoff_survives_restarts(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        served(agent, pebble)
+    finally:
+        agent.stop()
+    # The certificate no longer covers the configured names: renew at once. The CA is
+    # gone, so every attempt fails while the old certificate keeps being served.
+    pebble.stop()
+    agent.env["ACME_DOMAINS"] = f"{NAME},extra.test"
+    backoff_file = agent.data_dir / "state" / "backoff.json"
+    expected = [dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100)]
+    expected += [dt.timedelta(days=1)]
+    for attempt, delay in enumerate(expected, start=1):
+        agent.start()
+        try:
+            deadline = time.monotonic() + 30
+            while status_or_none(agent, attempt) is None:
+                assert time.monotonic() < deadline, agent.log()
+                time.sleep(0.2)
+            backoff = status(agent)["backoff"]
+            last = dt.datetime.fromisoformat(backoff["last_attempt"])
+            nxt = dt.datetime.fromisoformat(backoff["next_attempt"])
+            assert nxt - last == delay, backoff
+            assert backoff["last_error"]
+            assert agent.cli("health").returncode == 0
+        finally:
+            agent.stop()
+        # Time passing, without sleeping through it: move the planned attempt into the past.
+        state = json.loads(backoff_file.read_text())
+        state["next_attempt"] = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat()
+        backoff_file.write_text(json.dumps(state))
+
+    # A restart with the next attempt still ahead does not try early.
+    state = json.loads(backoff_file.read_text())
+    state["next_attempt"] = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=5)).isoformat()
+    backoff_file.write_text(json.dumps(state))
+    agent.start()
+    try:
+        time.sleep(2)
+        assert status(agent)["backoff"]["failures"] == len(expected)
+    finally:
+        agent.stop()
+
+
+def status_or_none(agent, failures: int) -> dict | None:
+    result = agent.cli("status", "--json")
+    if result.returncode != 0:
+        return None
+    answer = json.loads(result.stdout)
+    return answer if answer["backoff"]["failures"] >= failures else None
+
+
+def test_changed_configuration_starts_the_backoff_over(tmp_path, pebble_factory, registry_binary):
+    pebble = pebble_factory(free_port())
+    pebble.stop()
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        deadline = time.monotonic() + 30
+        while status_or_none(agent, 1) is None:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+    finally:
+        agent.stop()
+    backoff_file: Path = agent.data_dir / "state" / "backoff.json"
+    state = json.loads(backoff_file.read_text())
+    state["failures"] = 3
+    backoff_file.write_text(json.dumps(state))
+    agent.env["ACME_KEY_TYPE"] = "rsa2048"
+    agent.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            backoff = status(agent)["backoff"] if agent.cli("health").returncode == 0 else {}
+            if backoff.get("last_attempt") and backoff["last_attempt"] != state["last_attempt"]:
+                break
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        assert backoff["failures"] == 1
+    finally:
+        agent.stop()
