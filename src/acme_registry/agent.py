@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from cryptography import x509
 
 from . import ari, schedule
-from .certstore import CertificatePair, CertStore, unusable_reason
+from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 ISSUANCE_TIMEOUT = 300
 MAX_SLEEP = 12 * 3600
 ARI_STATE = "state/ari.json"
+BYO_POLL = 0.5
+BYO_SETTLE = 2.0  # writers such as `cat >` leave brief mismatches
+
+
+def byo_store(settings: Settings) -> Path:
+    return settings.data_dir / "tls"
+
+
 PROBE_TIMEOUT = 3.0
 
 
@@ -80,7 +89,11 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.storage = FileStorage(settings.data_dir)
-        self.certs = CertStore(settings.cert_dir)
+        # With ACME off the operator's files are copied into a store of our own once they
+        # have settled, so the registry never loads a pair halfway through being replaced.
+        self.certs = CertStore(settings.cert_dir if settings.acme_enabled else byo_store(settings))
+        self._byo_seen: tuple[str, float] | None = None
+        self._byo_applied: str | None = None
         self.challenges = PendingChallenges(self.storage)
         self.responder = ChallengeResponder(
             settings.domains, self.challenges.lookup, settings.http_port
@@ -151,6 +164,8 @@ class Agent:
 
     def _maintain(self) -> float:
         """Bring the served certificate up to date; return seconds until the next look."""
+        if not self.settings.acme_enabled:
+            return self._maintain_own_certificate()
         now = utcnow()
         renew = self._renew_request
         self._renew_request = None
@@ -184,6 +199,45 @@ class Agent:
         if renew is not None:
             renew.finish(answer)
         return 0.0 if answer.get("ok") else 1.0
+
+    def _maintain_own_certificate(self) -> float:
+        """ACME off: serve TLS_CERT_FILE/TLS_KEY_FILE, rotating once a new pair settles."""
+        cert_file, key_file = self.settings.tls_cert_file, self.settings.tls_key_file
+        assert cert_file is not None and key_file is not None
+        try:
+            chain_pem, key_pem = cert_file.read_bytes(), key_file.read_bytes()
+        except OSError as error:
+            if self._byo_applied != "unreadable":
+                log.error("cannot read %s: %s; still serving the last pair", error.filename, error)
+                self._byo_applied = "unreadable"
+            return BYO_POLL
+        signature = hashlib.sha256(chain_pem + b"\0" + key_pem).hexdigest()
+        first_look = self._byo_seen is None
+        if self._byo_seen is None or self._byo_seen[0] != signature:
+            self._byo_seen = (signature, time.monotonic())
+        settled = time.monotonic() - self._byo_seen[1] >= BYO_SETTLE
+        if signature == self._byo_applied or not (settled or first_look):
+            return BYO_POLL
+        self._byo_applied = signature
+        try:
+            pair = parse_pair(chain_pem, key_pem)
+        except ValueError as error:
+            log.error(
+                "refusing %s and %s: %s; still serving the last pair", cert_file, key_file, error
+            )
+            return BYO_POLL
+        if pair.not_after <= utcnow():
+            log.error(
+                "refusing %s: %s", cert_file, f"it expired at {pair.not_after:%Y-%m-%d %H:%M} UTC"
+            )
+            return BYO_POLL
+        if pair.names != frozenset(self.settings.domains):
+            log.warning("%s names %s, not ACME_DOMAINS", cert_file, ", ".join(sorted(pair.names)))
+        current = self.certs.load_quietly()
+        if current is None or current.fingerprint != pair.fingerprint:
+            self.certs.save(pair)
+        self._serve(pair)
+        return BYO_POLL
 
     def _renewal_plan(
         self, pair: CertificatePair, now: dt.datetime
@@ -264,6 +318,9 @@ class Agent:
             return None, str(error)
         if pair is None:
             return None, None
+        if not self.settings.acme_enabled:
+            expired = now >= pair.not_after
+            return pair, f"it expired at {pair.not_after:%Y-%m-%d %H:%M} UTC" if expired else None
         record = self.storage.load_json(issued_key(pair.fingerprint))
         issued_by = record.get("directory") if record else None
         return pair, unusable_reason(
@@ -370,6 +427,9 @@ class Agent:
         return {"ok": True, "not_after": pair.not_after.isoformat()}
 
     def _renew(self, request: dict[str, Any]) -> dict[str, Any]:
+        if not self.settings.acme_enabled:
+            error = "ACME_ENABLED=false: replace TLS_CERT_FILE and TLS_KEY_FILE instead"
+            return {"ok": False, "error": error}
         if request.get("dry_run"):
             return self._issue([], dry_run=True)
         renew = RenewRequest()

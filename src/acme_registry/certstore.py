@@ -168,6 +168,13 @@ class CertStore:
         except FileNotFoundError as error:
             raise ValueError(f"{error.filename} is missing") from None
 
+    def load_quietly(self) -> CertificatePair | None:
+        """The current pair, or None when there is none or it is broken."""
+        try:
+            return self.load()
+        except ValueError:
+            return None
+
     def save(self, pair: CertificatePair) -> None:
         """Make ``pair`` the current one in a single atomic step."""
         self.adopt()

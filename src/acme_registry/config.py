@@ -40,6 +40,9 @@ KNOWN_VARIABLES = (
     "ACME_KEY_TYPE",
     "ACME_PROFILE",
     "ACME_DRY_RUN_DIRECTORY",
+    "ACME_ENABLED",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
     "ACME_HTTP_PORT",
     "CERT_DIR",
     "DATA_DIR",
@@ -107,6 +110,10 @@ class Settings:
     registry_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # TLS files an operator pointed the registry at; accepted only when they are ours.
     registry_tls_files: tuple[Path, ...] = ()
+    # Bring-your-own certificate: with ACME off, the agent serves and watches these.
+    acme_enabled: bool = True
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     # The longest wait between two ARI fetches (Let's Encrypt: at least twice a day).
     # Internal: tests shorten it with ACME_REGISTRY_ARI_MAX_RECHECK (seconds).
     ari_max_recheck: dt.timedelta = dt.timedelta(hours=12)
@@ -150,6 +157,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if len(str(data_dir / "run" / "supervisor.sock").encode()) > 100:
         raise ConfigError("DATA_DIR", f"{data_dir} is too long for a unix socket path inside it")
     eab_kid, eab_key = _eab(env)
+    acme_enabled = _boolean(env, "ACME_ENABLED", True)
+    tls_cert_file = _tls_file(env, "TLS_CERT_FILE", cert_dir / "domain.crt", acme_enabled)
+    tls_key_file = _tls_file(env, "TLS_KEY_FILE", cert_dir / "domain.key", acme_enabled)
     registry_env, tls_files = _registry_env(env, cert_dir)
     return Settings(
         domains=domains,
@@ -176,6 +186,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
         registry_env=registry_env,
         registry_tls_files=tls_files,
+        acme_enabled=acme_enabled,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
         ari_max_recheck=dt.timedelta(
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
@@ -245,6 +258,31 @@ def _profile(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
         raise ConfigError("ACME_PROFILE", f"{value!r} is not a profile name")
     return value
+
+
+def _boolean(env: Mapping[str, str], variable: str, default: bool) -> bool:
+    value = env.get(variable, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(variable, f"{value!r} is not true or false")
+
+
+def _tls_file(
+    env: Mapping[str, str], variable: str, default: Path, acme_enabled: bool
+) -> Path | None:
+    value = env.get(variable, "").strip()
+    if acme_enabled:
+        if value:
+            raise ConfigError(variable, "only used with ACME_ENABLED=false")
+        return None
+    path = Path(value) if value else default
+    if not path.is_absolute():
+        raise ConfigError(variable, f"{value!r} is not an absolute path")
+    return _readable_file(variable, str(path))
 
 
 def _readable_file(variable: str, value: str) -> Path:

@@ -110,6 +110,17 @@ INVALID = [
     ("typo", {"ACME_DOMAIN": "registry.test"}, "ACME_DOMAIN", "did you mean ACME_DOMAINS"),
     ("log level", {"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "info"),
     ("drain", {"REGISTRY_HTTP_DRAINTIMEOUT": "soon"}, "REGISTRY_HTTP_DRAINTIMEOUT", "duration"),
+    ("profile", {"ACME_PROFILE": "short lived"}, "ACME_PROFILE", "not a profile name"),
+    ("dry run directory", {"ACME_DRY_RUN_DIRECTORY": "ftp://x"}, "ACME_DRY_RUN_DIRECTORY", "URL"),
+    ("acme enabled", {"ACME_ENABLED": "maybe"}, "ACME_ENABLED", "true or false"),
+    ("tls file with acme on", {"TLS_CERT_FILE": "/etc/hostname"}, "TLS_CERT_FILE", "only used"),
+    (
+        "own certificate missing",
+        {"ACME_ENABLED": "false", "TLS_CERT_FILE": "/nonexistent.crt"},
+        "TLS_CERT_FILE",
+        "not a file",
+    ),
+    ("own key missing", {"ACME_ENABLED": "false"}, "TLS_CERT_FILE", "not a file"),
 ]
 
 
