@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import xmlrpc.client
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ISSUANCE_TIMEOUT = 300
 MAX_SLEEP = 12 * 3600
+RETRY = 5.0
 ARI_STATE = "state/ari.json"
 BYO_POLL = 0.5
 BYO_SETTLE = 2.0  # writers such as `cat >` leave brief mismatches
@@ -147,7 +149,13 @@ class Agent:
         )
         try:
             while not self._stopping.is_set():
-                wait = self._maintain()
+                try:
+                    wait = self._maintain()
+                except (OSError, xmlrpc.client.Error) as error:
+                    if self._stopping.is_set():
+                        break  # supervisord is shutting down around us
+                    log.error("maintenance step failed: %s; trying again in %d s", error, RETRY)
+                    wait = RETRY
                 self._wake.wait(timeout=wait)
                 self._wake.clear()
         finally:
@@ -190,7 +198,8 @@ class Agent:
             self._next_check = dt.datetime.fromisoformat(backoff.next_attempt)
             return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
 
-        answer = self._issue(["--replaces", replaces] if replaces else [])
+        # "=" form: an ARI ID may start with "-", which argparse would take for an option.
+        answer = self._issue([f"--replaces={replaces}"] if replaces else [])
         self._record_attempt(backoff, answer, now)
         if answer.get("ok"):
             fresh, fresh_problem = self._current_pair(utcnow())

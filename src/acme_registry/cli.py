@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings_or_exit()
     if isinstance(settings, int):
         return settings
-    _setup_logging(settings.log_level)
+    # The issuing child answers on stdout; its log lines go to stderr, which it shares
+    # with the agent.
+    _setup_logging(settings.log_level, sys.stderr if args.command == "issue" else sys.stdout)
     if args.command == "check":
         return 0
     if args.command == "run":
@@ -78,9 +80,9 @@ def _settings_or_exit() -> Settings | int:
         return EXIT_CONFIG
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, stream: TextIO) -> None:
     logging.basicConfig(
-        stream=sys.stdout,
+        stream=stream,
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S%z",
