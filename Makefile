@@ -27,6 +27,8 @@ system-deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# Pebble 2.10 (ARI, profiles) from Debian sid, unpacked under .cache: nothing else from sid.
+	@scripts/install-pebble-sid.sh
 
 venv: $(VENV)/.installed
 

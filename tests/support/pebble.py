@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -24,6 +26,30 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.ports import free_port, free_tcp_udp_port
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where scripts/install-pebble-sid.sh unpacks Pebble 2.10 from Debian sid (bookworm's 2.4.0
+# has no ARI and no profiles). The variable lets a machine keep one copy for many checkouts.
+PEBBLE_SID_DIR = Path(
+    os.environ.get("ACME_REGISTRY_TEST_PEBBLE_SID_DIR", REPO_ROOT / ".cache" / "pebble-sid")
+)
+PEBBLE_SID_BINARY = PEBBLE_SID_DIR / "usr" / "bin" / "pebble"
+PEBBLE_SID_INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-pebble-sid.sh"
+
+# Pebble 2.10 profiles for ``config_overrides={"profiles": PEBBLE_PROFILES}``. With profiles
+# configured, an order that names none gets one at RANDOM: tests must always send one.
+# A "shortlived" certificate is valid for validityPeriod - 1 s (notAfter is inclusive).
+SHORTLIVED_SECONDS = 60
+PEBBLE_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {"description": "90 days", "validityPeriod": 90 * 24 * 3600},
+    "shortlived": {
+        "description": f"{SHORTLIVED_SECONDS} seconds",
+        "validityPeriod": SHORTLIVED_SECONDS,
+    },
+}
+# Pebble 2.10 answers every renewalInfo GET with this Retry-After, whatever
+# /set-renewal-info/ said: a client honouring it re-checks only after six hours.
+ARI_RETRY_AFTER_SECONDS = 6 * 3600
+
 START_TIMEOUT = 10.0
 STOP_GRACE = 5.0
 LOG_TAIL_CHARS = 4000
@@ -33,6 +59,61 @@ LOG_TAIL_CHARS = 4000
 _NEW_ORDER_LINE = re.compile(r"POST /order-plz\b.*calling handler", re.MULTILINE)
 # Logged only once an order really exists: unaffected by the client's badNonce retries.
 _ORDER_ADDED_LINE = re.compile(r'Added order "[^"]*" to the db', re.MULTILINE)
+# 2.10 logs this when it accepts a new order whose "replaces" names an earlier certificate.
+_REPLACEMENT_LINE = re.compile(
+    r'ARI: order "(?P<order>[^"]+)" is a replacement of "(?P<replaced>[^"]+)"', re.MULTILINE
+)
+
+
+def pebble_sid_binary(*, install: bool = False) -> str:
+    """Path of Pebble 2.10's binary, unpacked by scripts/install-pebble-sid.sh.
+
+    ``install=True`` runs the (idempotent, root-only) script when the binary is missing, for
+    callers that cannot rely on ``make test`` having done it. Raises FileNotFoundError with
+    the command to run otherwise.
+    """
+    if not os.access(PEBBLE_SID_BINARY, os.X_OK) and install:
+        subprocess.run(
+            [str(PEBBLE_SID_INSTALL_SCRIPT), str(PEBBLE_SID_DIR)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+    if not os.access(PEBBLE_SID_BINARY, os.X_OK):
+        raise FileNotFoundError(
+            f"Pebble 2.10 not found at {PEBBLE_SID_BINARY}: run "
+            f"{PEBBLE_SID_INSTALL_SCRIPT.relative_to(REPO_ROOT)} as root (make test does)"
+        )
+    return str(PEBBLE_SID_BINARY)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def ari_cert_id(cert_pem: bytes) -> str:
+    """RFC 9773 CertID of the first certificate in ``cert_pem`` (a leaf or a full chain).
+
+    base64url(AKI keyIdentifier) "." base64url(DER INTEGER content of the serial), unpadded.
+    Written apart from acme_registry so a bug there cannot hide in the tests' expectations.
+    """
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key_id = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    if key_id.key_identifier is None:
+        raise ValueError("certificate's Authority Key Identifier has no keyIdentifier")
+    serial = cert.serial_number
+    # DER is two's complement: a serial whose top bit is set gets a leading zero byte.
+    serial_der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+    return f"{_b64url(key_id.key_identifier)}.{_b64url(serial_der)}"
+
+
+def _rfc3339(moment: datetime.datetime) -> str:
+    if moment.tzinfo is None:
+        # acme's renewal_time() hands out naive LOCAL times; guessing would shift windows.
+        raise ValueError(f"naive datetime {moment!r}: give a timezone-aware one")
+    utc = moment.astimezone(datetime.UTC)
+    spec = "microseconds" if utc.microsecond else "seconds"
+    return utc.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 
 
 def _write_tls_material(tls_dir: Path) -> tuple[Path, Path, Path]:
@@ -142,6 +223,37 @@ def _stop_process(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@functools.cache
+def _challtestsrv_flags(binary: str) -> frozenset[str]:
+    """The flags a pebble-challtestsrv build accepts (they were renamed between releases)."""
+    result = subprocess.run(
+        [binary, "-h"], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+    )
+    return frozenset(re.findall(r"^\s+(-[\w-]+)", result.stdout + result.stderr, re.MULTILINE))
+
+
+def _challtestsrv_command(binary: str, dns_server: str, management_port: int) -> list[str]:
+    """Only the DNS server on our port: every other listener off, whatever the release.
+
+    2.4.0 calls the DNS flag -dns01; 2.10 calls it -dnsserver and adds a DNS-over-HTTPS
+    listener that defaults to :8443 on all interfaces, so it must be switched off explicitly.
+    """
+    flags = _challtestsrv_flags(binary)
+    cmd = [binary, "-dnsserver" if "-dnsserver" in flags else "-dns01", dns_server]
+    for listener in ("-http01", "-https01", "-tlsalpn01", "-doh"):
+        if listener in flags:
+            cmd += [listener, ""]
+    return [
+        *cmd,
+        "-management",
+        f"127.0.0.1:{management_port}",
+        "-defaultIPv4",
+        "127.0.0.1",
+        "-defaultIPv6",
+        "",
+    ]
 
 
 class Pebble:
@@ -288,6 +400,76 @@ class Pebble:
         """Orders Pebble accepted and stored."""
         return len(_ORDER_ADDED_LINE.findall(self.log_text()))
 
+    def replacements(self) -> list[tuple[str, str]]:
+        """(new order ID, replaced order ID) for each order accepted with ``replaces`` (2.10).
+
+        Logged at new-order time, so an order later abandoned before finalize is counted too.
+        """
+        return [(m["order"], m["replaced"]) for m in _REPLACEMENT_LINE.finditer(self.log_text())]
+
+    def directory(self) -> dict[str, Any]:
+        """The ACME directory (2.10 adds "renewalInfo" and meta "profiles")."""
+        with _session() as session:
+            resp = session.get(self.directory_url, verify=str(self.ca_bundle), timeout=5)
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    # -- ARI (Pebble 2.10) -----------------------------------------------------------------
+
+    def renewal_info_url(self, cert_pem: bytes) -> str:
+        base = self.directory().get("renewalInfo")
+        if not base:
+            raise RuntimeError(f"{self.binary} offers no renewalInfo (ARI needs Pebble >= 2.8)")
+        return f"{str(base).rstrip('/')}/{ari_cert_id(cert_pem)}"
+
+    def renewal_info_response(self, cert_pem: bytes) -> requests.Response:
+        """The raw ARI GET a client makes (status, Retry-After, body), not raised on error."""
+        with _session() as session:
+            return session.get(
+                self.renewal_info_url(cert_pem), verify=str(self.ca_bundle), timeout=5
+            )
+
+    def renewal_info(self, cert_pem: bytes) -> dict[str, Any]:
+        """The ARI answer for ``cert_pem``: {"suggestedWindow": {"start", "end"}, ...}."""
+        resp = self.renewal_info_response(cert_pem)
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    def set_renewal_info(
+        self,
+        cert_pem: bytes,
+        window_start: datetime.datetime,
+        window_end: datetime.datetime,
+        explanation_url: str | None = None,
+    ) -> None:
+        """Make renewalInfo for ``cert_pem`` answer this window from now on (2.10).
+
+        Takes effect at once for every later GET; Retry-After stays six hours. Times must
+        be timezone-aware. Pebble keys the override on the certificate's serial.
+        """
+        answer: dict[str, Any] = {
+            "suggestedWindow": {"start": _rfc3339(window_start), "end": _rfc3339(window_end)}
+        }
+        if explanation_url is not None:
+            answer["explanationURL"] = explanation_url
+        self.set_renewal_info_raw(cert_pem, json.dumps(answer))
+
+    def set_renewal_info_raw(self, cert_pem: bytes, ari_response: str) -> None:
+        """Serve ``ari_response`` verbatim as the renewalInfo body for ``cert_pem``.
+
+        Pebble does not check it, so this can feed a client malformed or inverted windows.
+        """
+        body = {"Certificate": cert_pem.decode("ascii"), "ARIResponse": ari_response}
+        with _session() as session:
+            resp = session.post(
+                f"{self.management_url}/set-renewal-info/",
+                json=body,
+                verify=str(self.ca_bundle),
+                timeout=5,
+            )
+        if resp.status_code != 200:
+            raise RuntimeError(f"set-renewal-info: HTTP {resp.status_code}: {resp.text[:300]}")
+
     # -- internals -------------------------------------------------------------------------
 
     def _write_config(self, cert_path: Path, key_path: Path) -> None:
@@ -327,23 +509,9 @@ class Pebble:
     def _start_challtestsrv(self) -> None:
         log = self._open_log(self.challtestsrv_log_path)
         self._challtestsrv = subprocess.Popen(
-            [
-                self.challtestsrv_binary,
-                "-dns01",
-                self.dns_server,
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                f"127.0.0.1:{self.challtestsrv_management_port}",
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-            ],
+            _challtestsrv_command(
+                self.challtestsrv_binary, self.dns_server, self.challtestsrv_management_port
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
