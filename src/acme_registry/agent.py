@@ -27,6 +27,9 @@ from typing import Any
 from cryptography import x509
 
 from . import ari, schedule
+from .admin import AdminServer, Metrics
+from .auth import UserStore, registry_auth_config
+from .auth import control_handlers as user_handlers
 from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
@@ -103,15 +106,24 @@ class Agent:
         self.generations = RegistryGenerations(
             Supervisor(settings.supervisor_socket), settings.registry_addr
         )
-        self.control = ControlServer(
-            settings.control_socket,
-            {
-                "health": self._health,
-                "ready": self._ready,
-                "status": self._status,
-                "renew": self._renew,
-            },
+        self.users = (
+            UserStore(settings.data_dir, settings.auth_users)
+            if settings.auth_mode == "htpasswd"
+            else None
         )
+        self.metrics = Metrics()
+        self.admin = AdminServer(
+            settings.admin_addr.host, settings.admin_addr.port, self.metrics, self._ready_check
+        )
+        handlers = {
+            "health": self._health,
+            "ready": self._ready,
+            "status": self._status,
+            "renew": self._renew,
+        }
+        if self.users is not None:
+            handlers.update(user_handlers(self.users))
+        self.control = ControlServer(settings.control_socket, handlers)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._next_check: dt.datetime | None = None
@@ -129,6 +141,17 @@ class Agent:
         ensure_private_dir(self.settings.run_dir)
         self.settings.cert_dir.mkdir(parents=True, exist_ok=True)
         self.challenges.clear()
+        auth = None
+        if self.users is not None:
+            # The htpasswd file must exist before any registry starts: without it the
+            # registry invents a user and logs its password.
+            message = self.users.ensure_initial_admin()
+            self.users.sync_htpasswd()
+            if message:
+                log.warning("%s", message)
+            auth = registry_auth_config(self.users.htpasswd_path, "acme-registry")
+        else:
+            log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
         write_config(
             self.settings.registry_config,
             render_config(
@@ -136,10 +159,16 @@ class Agent:
                 http_secret(self.storage),
                 self.certs.tls_file,
                 self.settings.registry_env,
+                auth,
             ),
         )
         self.responder.start()
         self.control.start()
+        try:
+            self.admin.start()
+        except OSError as error:
+            # A monitoring port must not take the registry down.
+            log.error("admin endpoint on %s unavailable: %s", self.settings.admin_addr, error)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info(
@@ -159,6 +188,7 @@ class Agent:
                 self._wake.wait(timeout=wait)
                 self._wake.clear()
         finally:
+            self.admin.stop()
             self.control.stop()
             self.responder.stop()
         log.info("agent stopped")
@@ -183,6 +213,7 @@ class Agent:
             self._serve(pair)
             plan, recheck = self._renewal_plan(pair, now)
             self._plan = plan
+            self.metrics.set_next_renewal(plan.at)
             if renew is None and now < plan.at:
                 self._next_check = min(plan.at, recheck) if recheck else plan.at
                 return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
@@ -338,15 +369,18 @@ class Agent:
 
     def _serve(self, pair: CertificatePair) -> None:
         """Make sure a registry generation serves ``pair``."""
+        self.metrics.set_certificate(pair.names, pair.not_before, pair.not_after)
         if self.generations.current() is None:
             self.certs.adopt()
             log.info("starting the registry with %s", pair.describe())
             self.generations.ensure_running()
+            self.metrics.registry_started()
             return
         served = self._served_fingerprint()
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             self.generations.rotate()
+            self.metrics.registry_started()
 
     def _issue(self, extra: list[str], dry_run: bool = False) -> dict[str, Any]:
         """Run one order in a child process; it stores the pair on success."""
@@ -355,6 +389,7 @@ class Agent:
         command = [sys.executable, "-m", "acme_registry", "issue", *extra]
         if dry_run:
             command.append("--dry-run")
+        started = time.monotonic()
         try:
             child = subprocess.run(
                 command, stdout=subprocess.PIPE, timeout=ISSUANCE_TIMEOUT, check=False
@@ -365,7 +400,11 @@ class Agent:
         finally:
             if not dry_run:
                 self.challenges.clear()
-        return answer if isinstance(answer, dict) else {"ok": False, "error": "bad answer"}
+        if not isinstance(answer, dict):
+            answer = {"ok": False, "error": "the issuing process gave a malformed answer"}
+        if not dry_run:
+            self.metrics.record_issuance(answer, time.monotonic() - started)
+        return answer
 
     def _record_attempt(self, backoff: Backoff, answer: dict[str, Any], now: dt.datetime) -> None:
         if answer.get("ok"):
@@ -419,6 +458,12 @@ class Agent:
 
     def _health(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True}
+
+    def _ready_check(self) -> tuple[bool, str]:
+        answer = self._ready({})
+        if answer.get("ok"):
+            return True, f"serving a certificate valid until {answer['not_after']}"
+        return False, str(answer.get("error"))
 
     def _ready(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()

@@ -187,14 +187,20 @@ class CertStore:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         generations = ensure_private_dir(self.dir / GENERATIONS)
         target = generations / f"{stamp}-{pair.fingerprint[:12]}"
+        # Partial generations left by a process killed mid-write, or by a full disk.
+        for leftover in generations.glob(".*.partial"):
+            shutil.rmtree(leftover, ignore_errors=True)
         building = generations / f".{target.name}.partial"
-        shutil.rmtree(building, ignore_errors=True)
-        ensure_private_dir(building)
-        write_atomic(building / CERT_NAME, pair.chain_pem, mode=0o644)
-        write_atomic(building / KEY_NAME, pair.key_pem, mode=0o600)
-        write_atomic(building / TLS_NAME, pair.chain_pem.rstrip(b"\n") + b"\n" + pair.key_pem)
-        os.chmod(building, 0o755)
-        os.replace(building, target)
+        try:
+            ensure_private_dir(building)
+            write_atomic(building / CERT_NAME, pair.chain_pem, mode=0o644)
+            write_atomic(building / KEY_NAME, pair.key_pem, mode=0o600)
+            write_atomic(building / TLS_NAME, pair.chain_pem.rstrip(b"\n") + b"\n" + pair.key_pem)
+            os.chmod(building, 0o755)
+            os.replace(building, target)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         fsync_dir(generations)
         return target
 

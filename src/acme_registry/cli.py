@@ -23,7 +23,7 @@ EXIT_CONFIG = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{run,check,health,status,renew}"
+        dest="command", required=True, metavar="{run,check,health,status,renew,user}"
     )
     commands.add_parser("run", help="start supervisord, the agent and the registry")
     commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a full order against the staging (dry-run) directory; the live certificate stays",
     )
+    user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd)")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    add = user_commands.add_parser(
+        "add", help="add a user or set a password (read from stdin, or generated and printed)"
+    )
+    add.add_argument("name")
+    remove = user_commands.add_parser("remove", help="remove a user added at run time")
+    remove.add_argument("name")
+    user_commands.add_parser("list", help="the users and where each comes from")
     commands.add_parser("agent", help=argparse.SUPPRESS)
     issue = commands.add_parser("issue", help=argparse.SUPPRESS)
     issue.add_argument("--replaces", default=None)
@@ -47,12 +56,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("health", "status", "renew"):
         return _ask_agent(args)
+    if args.command == "user":
+        return _user(args)
     settings = _settings_or_exit()
     if isinstance(settings, int):
         return settings
     # The issuing child answers on stdout; its log lines go to stderr, which it shares
     # with the agent.
-    _setup_logging(settings.log_level, sys.stderr if args.command == "issue" else sys.stdout)
+    _setup_logging(
+        settings.log_level,
+        settings.log_format,
+        sys.stderr if args.command == "issue" else sys.stdout,
+    )
     if args.command == "check":
         return 0
     if args.command == "run":
@@ -80,13 +95,32 @@ def _settings_or_exit() -> Settings | int:
         return EXIT_CONFIG
 
 
-def _setup_logging(level: str, stream: TextIO) -> None:
-    logging.basicConfig(
-        stream=stream,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            event["exc"] = self.formatException(record.exc_info)
+        return json.dumps(event)
+
+
+def _setup_logging(level: str, log_format: str, stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"
+            )
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # The acme library logs every request and response body at DEBUG, keys included.
     logging.getLogger("acme").setLevel(max(logging.INFO, logging.getLogger().level))
     logging.getLogger("urllib3").setLevel(logging.WARNING)
@@ -95,8 +129,7 @@ def _setup_logging(level: str, stream: TextIO) -> None:
 def _ask_agent(args: argparse.Namespace) -> int:
     from .control import request
 
-    data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
-    socket_path = data_dir / "run" / "agent.sock"
+    socket_path = _control_socket()
     command = "ready" if getattr(args, "ready", False) else args.command
     fields = {"dry_run": True} if getattr(args, "dry_run", False) else {}
     try:
@@ -123,6 +156,54 @@ def _ask_agent(args: argparse.Namespace) -> int:
         print(f"not {'ready' if command == 'ready' else 'healthy'}: {answer.get('error')}")
         return 1
     print("ready" if command == "ready" else "alive")
+    return 0
+
+
+def _control_socket() -> Path:
+    data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
+    return data_dir / "run" / "agent.sock"
+
+
+def _user(args: argparse.Namespace) -> int:
+    """Users go through the running agent: it is the only writer of the htpasswd file."""
+    from .control import request
+
+    fields: dict[str, str] = {}
+    generated = None
+    if args.user_command == "add":
+        from .auth import generate_password, read_password
+
+        if sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"password for {args.name}: ")
+            if password != getpass.getpass("again: "):
+                print("acme-registry: the passwords differ", file=sys.stderr)
+                return 1
+        else:
+            password = read_password(sys.stdin)
+        if not password:
+            password = generated = generate_password()
+        fields = {"name": args.name, "password": password}
+    elif args.user_command == "remove":
+        fields = {"name": args.name}
+    try:
+        answer = request(_control_socket(), f"user-{args.user_command}", **fields)
+    except OSError as error:
+        print(f"acme-registry: the agent does not answer: {error}", file=sys.stderr)
+        return 1
+    if not answer.get("ok"):
+        print(f"acme-registry: {answer.get('error')}", file=sys.stderr)
+        return 1
+    if args.user_command == "list":
+        for name, origin in sorted(answer.get("users", {}).items()):
+            print(f"{name}\t{origin}")
+    elif args.user_command == "add":
+        print(f"user {args.name} {'added' if answer.get('created') else 'updated'}")
+        if generated:
+            print(f"password (shown once): {generated}")
+    else:
+        print(f"user {args.name} removed")
     return 0
 
 

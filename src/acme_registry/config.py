@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .auth import Credential, UsersFormatError, load_env_users
+
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 DIRECTORY_ALIASES = {"letsencrypt": LETSENCRYPT, "letsencrypt-staging": LETSENCRYPT_STAGING}
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+AUTH_MODES = ("htpasswd", "none")
 
 # The variables this program reads. Unknown ACME_* names are rejected so that a typo
 # (ACME_DOMAIN) is an error at start instead of a silently ignored setting.
@@ -49,6 +53,11 @@ KNOWN_VARIABLES = (
     "REGISTRY_HTTP_ADDR",
     "REGISTRY_BINARY",
     "LOG_LEVEL",
+    "LOG_FORMAT",
+    "AUTH_MODE",
+    "AUTH_USERS",
+    "AUTH_USERS_FILE",
+    "ADMIN_ADDR",
 )
 
 # Registry settings the agent owns, as the registry's environment names them (it splits
@@ -107,6 +116,10 @@ class Settings:
     eab_hmac_key: str | None = field(default=None, repr=False)
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_level: str = "info"
+    log_format: str = "text"
+    auth_mode: str = "htpasswd"
+    auth_users: Mapping[str, Credential] = field(default_factory=dict, repr=False)
+    admin_addr: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 9180))
     registry_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # TLS files an operator pointed the registry at; accepted only when they are ours.
     registry_tls_files: tuple[Path, ...] = ()
@@ -160,7 +173,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     acme_enabled = _boolean(env, "ACME_ENABLED", True)
     tls_cert_file = _tls_file(env, "TLS_CERT_FILE", cert_dir / "domain.crt", acme_enabled)
     tls_key_file = _tls_file(env, "TLS_KEY_FILE", cert_dir / "domain.key", acme_enabled)
-    registry_env, tls_files = _registry_env(env, cert_dir)
+    auth_mode = _choice(env, "AUTH_MODE", AUTH_MODES, "htpasswd")
+    auth_users = _auth_users(env, auth_mode)
+    registry_env, tls_files = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
+    registry_addr = _listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443"))
+    http_port = _port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80"))
+    admin_addr = _listen_address("ADMIN_ADDR", env.get("ADMIN_ADDR", "127.0.0.1:9180"))
+    if admin_addr.port in (registry_addr.port, http_port):
+        raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),
@@ -174,16 +194,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env.get("ACME_DRY_RUN_DIRECTORY", "").strip() or "letsencrypt-staging",
             "ACME_DRY_RUN_DIRECTORY",
         ),
-        http_port=_port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80")),
+        http_port=http_port,
         cert_dir=cert_dir,
         data_dir=data_dir,
-        registry_addr=_listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443")),
+        registry_addr=registry_addr,
         registry_binary=_executable("REGISTRY_BINARY", _registry_binary(env)),
         drain_seconds=_duration(
             "REGISTRY_HTTP_DRAINTIMEOUT",
             env.get("REGISTRY_HTTP_DRAINTIMEOUT", f"{DEFAULT_DRAIN_SECONDS}s"),
         ),
         log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
+        log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, "text"),
+        auth_mode=auth_mode,
+        auth_users=auth_users,
+        admin_addr=admin_addr,
         registry_env=registry_env,
         registry_tls_files=tls_files,
         acme_enabled=acme_enabled,
@@ -198,7 +222,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def _reject_unknown_acme_variables(env: Mapping[str, str]) -> None:
     for name in sorted(env):
         internal = name.startswith("ACME_REGISTRY_")  # set by `acme-registry run`
-        if name.startswith("ACME_") and name not in KNOWN_VARIABLES and not internal:
+        ours = name.startswith(("ACME_", "AUTH_"))
+        if ours and name not in KNOWN_VARIABLES and not internal:
             hint = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1)
             suggestion = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigError(name, f"unknown setting{suggestion}")
@@ -396,8 +421,28 @@ def _duration(variable: str, raw: str) -> float:
     return float(match.group(1)) * _GO_UNITS[match.group(2)]
 
 
+def _auth_users(env: Mapping[str, str], mode: str) -> dict[str, Credential]:
+    users = env.get("AUTH_USERS", "").strip() or None
+    users_file = env.get("AUTH_USERS_FILE", "").strip() or None
+    if mode == "none":
+        for variable, value in (("AUTH_USERS", users), ("AUTH_USERS_FILE", users_file)):
+            if value:
+                raise ConfigError(variable, "set, but AUTH_MODE=none turns authentication off")
+        return {}
+    text = None
+    if users_file:
+        try:
+            text = _readable_file("AUTH_USERS_FILE", users_file).read_text()
+        except UnicodeDecodeError:
+            raise ConfigError("AUTH_USERS_FILE", f"{users_file} is not UTF-8 text") from None
+    try:
+        return load_env_users(users, text)
+    except UsersFormatError as error:
+        raise ConfigError(error.source, error.problem) from None
+
+
 def _registry_env(
-    env: Mapping[str, str], cert_dir: Path
+    env: Mapping[str, str], cert_dir: Path, owns_auth: bool
 ) -> tuple[dict[str, str], tuple[Path, ...]]:
     """Split out the REGISTRY_* variables that reach the registry untouched."""
     passed: dict[str, str] = {}
@@ -416,6 +461,11 @@ def _registry_env(
                 name,
                 f"the agent owns http.tls; it writes {cert_dir}/domain.crt and domain.key "
                 "(unset this variable, or point it at those files)",
+            )
+        if owns_auth and upper.startswith("REGISTRY_AUTH"):
+            raise ConfigError(
+                name,
+                "the agent owns auth while AUTH_MODE=htpasswd; unset it, or set AUTH_MODE=none",
             )
         if upper in OWNED_REGISTRY_SECTIONS or upper.startswith(OWNED_REGISTRY_PREFIXES):
             setting = upper.removeprefix("REGISTRY_").lower().replace("_", ".")

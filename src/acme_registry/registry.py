@@ -38,7 +38,11 @@ def http_secret(storage: Storage) -> str:
 
 
 def render_config(
-    settings: Settings, secret: str, tls_file: Path, env: Mapping[str, str]
+    settings: Settings,
+    secret: str,
+    tls_file: Path,
+    env: Mapping[str, str],
+    auth: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The registry's config file. Operators' REGISTRY_* variables still override it."""
     addr = settings.registry_addr
@@ -61,6 +65,10 @@ def render_config(
     # configures storage through the environment, the file must not name one too.
     if not any(name.upper().startswith("REGISTRY_STORAGE") for name in env):
         config["storage"] = {"filesystem": {"rootdirectory": "/var/lib/registry"}}
+    if auth is not None:
+        config["auth"] = auth
+    if settings.log_format == "json":
+        config["log"]["formatter"] = "json"
     return config
 
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.support.agent import AgentProcess
+from tests.support.agent import CREDS, AgentProcess
 from tests.support.clients import Skopeo, wait_for_tls
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port
@@ -59,8 +59,11 @@ def test_issues_serves_and_round_trips_an_image(
         print(f"first verified TLS handshake {elapsed:.3f} s after `acme-registry run`")
         agent.wait_ready()
 
-        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME])
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
         ref = f"{NAME}:{agent.registry_port}/demo:v1"
+        anonymous = Skopeo(tmp_path / "anonymous", pebble.root_pem(), [NAME])
+        with pytest.raises(AssertionError, match="unauthorized"):
+            anonymous.push(oci_image, "v1", ref)
         skopeo.push(oci_image, "v1", ref)
         skopeo.pull(ref, tmp_path / "pulled", "v1")
         pushed_digest = skopeo.manifest_digest(ref)

@@ -14,6 +14,9 @@ from types import TracebackType
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+# Authentication is on by default; tests log in as this user.
+USER, PASSWORD = "tester", "correct-horse-battery-staple"
+CREDS = f"{USER}:{PASSWORD}"
 
 
 class AgentProcess:
@@ -51,6 +54,8 @@ class AgentProcess:
             "REGISTRY_BINARY": str(registry_binary),
             "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(workdir / "storage"),
             "REGISTRY_HTTP_DRAINTIMEOUT": "5s",
+            "ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "AUTH_USERS": CREDS,
         }
         env.update(extra)
         return env
@@ -58,6 +63,10 @@ class AgentProcess:
     @property
     def registry_port(self) -> int:
         return int(self.env["REGISTRY_HTTP_ADDR"].rsplit(":", 1)[1])
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.env['ADMIN_ADDR']}"
 
     @property
     def data_dir(self) -> Path:
@@ -70,7 +79,9 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"run-{int(time.time() * 1000)}.log"
-        with self.log_path.open("wb") as log:
+        # O_APPEND: supervisord reopens /dev/stdout for its programs' output, and without
+        # it each opener would write at its own offset over the others' lines.
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "acme_registry", "run"],
                 env=self.env,

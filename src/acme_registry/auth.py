@@ -1,0 +1,522 @@
+"""Registry users and the htpasswd file the registry reads (``AUTH_MODE=htpasswd``).
+
+Users come from two places, combined by :class:`UserStore`:
+
+- the environment: ``AUTH_USERS`` (``name:password`` pairs) and ``AUTH_USERS_FILE`` (lines
+  of ``name:password`` or ``name:<bcrypt hash>``), parsed by :func:`load_env_users`. They
+  are always present with the environment's password: ``user add``/``user remove`` refuse
+  them with an error naming the variable, and a run-time user of the same name is shadowed.
+- run time: ``acme-registry user add/remove``, stored in ``DATA_DIR/auth/users.json``,
+  added on top of the environment's users.
+
+With neither source set and no run-time user ever created, :meth:`UserStore.ensure_initial_admin`
+creates ``admin`` with a random password written to ``initial-admin-password``. It does
+so once: an operator who later removes every user gets no new admin behind their back.
+
+Files in ``DATA_DIR/auth`` (0700), all 0600:
+
+==========================  ==================================================================
+``htpasswd``                the registry's ``auth.htpasswd.path``; bcrypt only; rewritten only
+                            when its content changes, because the registry re-reads on mtime
+``users.json``              run-time users (name -> bcrypt hash) and whether the admin was made
+``initial-admin-password``  the generated admin password; deleted once admin's password changes
+``.lock``                   flock held while users change: the agent and the CLI may both write
+==========================  ==================================================================
+
+No message raised or returned here contains a password or a hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import bcrypt
+
+from .storage import ensure_private_dir, write_atomic
+
+log = logging.getLogger(__name__)
+
+# Every authenticated request makes the registry run one bcrypt comparison (it caches
+# nothing), and a push is dozens of requests: ~50 ms each at cost 10 on a small CPU, four
+# times that at 12. 10 keeps pushes fast while still costing a guesser ~50 ms per try.
+DEFAULT_COST = 10
+MIN_COST = 4  # the lowest golang.org/x/crypto/bcrypt accepts
+MAX_COST = 31
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores the rest; the bcrypt package refuses longer ones
+INITIAL_ADMIN = "admin"
+RUNTIME = "run-time"
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The registry's bcrypt (golang.org/x/crypto) reads every 2x variant the same way.
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# Other htpasswd formats (MD5 apr1, SHA, crypt's $5$/$6$, argon2): the registry never
+# matches them, so accepting them would lock the user out without a word.
+_OTHER_HASH = re.compile(r"(\$[A-Za-z0-9]{1,10}\$|\{SHA\}|\$argon2)")
+_HTPASSWD_HEADER = (
+    "# Written by acme-registry from AUTH_USERS, AUTH_USERS_FILE and `acme-registry user`.\n"
+    "# Edits here are overwritten; manage users with those instead.\n"
+)
+
+
+class AuthError(ValueError):
+    """Users or passwords are wrong. ``str()`` is one line and never holds a secret."""
+
+
+class UsersFormatError(AuthError):
+    """A user definition in ``source`` (a variable name) is malformed.
+
+    ``problem`` names the entry or line ("line 3: ..."), so a caller can report it as
+    ``source: problem``, as :class:`~acme_registry.config.ConfigError` does.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A configured password: plain text to hash, or a bcrypt hash kept as given."""
+
+    secret: str = field(repr=False)
+    hashed: bool
+    source: str = RUNTIME
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def is_bcrypt_hash(value: str) -> bool:
+    return _BCRYPT.fullmatch(value) is not None
+
+
+def password_problem(password: str) -> str | None:
+    """Why ``password`` cannot be used, or None. The reason never quotes the password."""
+    if not password:
+        return "the password is empty"
+    if len(password.encode()) > MAX_PASSWORD_BYTES:
+        return f"the password is longer than {MAX_PASSWORD_BYTES} bytes (bcrypt's limit)"
+    if any(c in password for c in "\0\r\n"):
+        return "the password contains a NUL or line break"
+    return None
+
+
+def _parse_entry(text: str, source: str, where: str) -> tuple[str, Credential]:
+    name, colon, value = text.partition(":")
+    if not colon:
+        # The whole entry may be a password written without its name: never echo it.
+        raise UsersFormatError(source, f"{where}: expected name:password")
+    if not valid_name(name):
+        raise UsersFormatError(
+            source, f"{where}: the user name is not 1-64 of A-Z a-z 0-9 . _ - characters"
+        )
+    if is_bcrypt_hash(value):
+        return name, Credential(value, hashed=True, source=source)
+    if value.startswith("$2"):
+        raise UsersFormatError(source, f"{where}: user {name!r} has a malformed bcrypt hash")
+    if _OTHER_HASH.match(value):
+        raise UsersFormatError(
+            source,
+            f"{where}: user {name!r} has a hash the registry cannot check; it accepts bcrypt "
+            "only (htpasswd -B), or give the password in plain text",
+        )
+    problem = password_problem(value)
+    if problem:
+        raise UsersFormatError(source, f"{where}: user {name!r}: {problem}")
+    return name, Credential(value, hashed=False, source=source)
+
+
+def _parse(
+    pieces: list[str], source: str, unit: str, into: dict[str, Credential]
+) -> dict[str, Credential]:
+    seen: dict[str, str] = {}
+    for number, raw in enumerate(pieces, start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{unit} {number}"
+        name, credential = _parse_entry(text, source, where)
+        if name in seen:
+            raise UsersFormatError(source, f"{where}: user {name!r} is already on {seen[name]}")
+        if name in into:
+            raise UsersFormatError(
+                source, f"{where}: user {name!r} is already defined in {into[name].source}"
+            )
+        seen[name] = where
+        into[name] = credential
+    return into
+
+
+def parse_auth_users(value: str, source: str = "AUTH_USERS") -> dict[str, Credential]:
+    """``name:password`` entries separated by newlines, or by commas when there is none.
+
+    A password holding a comma therefore needs the newline form or ``AUTH_USERS_FILE``.
+    Surrounding spaces of each entry are dropped, as the registry drops them in htpasswd.
+    """
+    return _parse(_auth_users_entries(value), source, "entry", {})
+
+
+def _auth_users_entries(value: str) -> list[str]:
+    return value.splitlines() if "\n" in value else value.split(",")
+
+
+def parse_users_file(text: str, source: str = "AUTH_USERS_FILE") -> dict[str, Credential]:
+    """Lines of ``name:password`` or ``name:<bcrypt hash>``; blank and ``#`` lines skipped."""
+    return _parse(text.splitlines(), source, "line", {})
+
+
+def load_env_users(users: str | None, users_file_text: str | None) -> dict[str, Credential]:
+    """The environment's users: ``AUTH_USERS`` and the content of ``AUTH_USERS_FILE``.
+
+    Both may be given; a name defined in both is an error rather than a silent choice.
+    """
+    found: dict[str, Credential] = {}
+    if users is not None:
+        _parse(_auth_users_entries(users), "AUTH_USERS", "entry", found)
+    if users_file_text is not None:
+        _parse(users_file_text.splitlines(), "AUTH_USERS_FILE", "line", found)
+    return found
+
+
+def parse_htpasswd(text: str) -> dict[str, str]:
+    """name -> hash of an htpasswd file as the registry reads it (no validation)."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and ":" in line:
+            name, _, value = line.partition(":")
+            entries[name] = value
+    return entries
+
+
+# -- hashing ---------------------------------------------------------------------------------
+
+
+def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
+    problem = password_problem(password)
+    if problem:
+        raise AuthError(problem)
+    if not MIN_COST <= cost <= MAX_COST:
+        raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+
+
+def check_password(password: str, hashed: str) -> bool:
+    try:
+        return bcrypt.checkpw(password.encode(), hashed.encode())
+    except ValueError:  # a malformed hash or an over-long password
+        return False
+
+
+def hash_cost(hashed: str) -> int | None:
+    return int(hashed[4:6]) if is_bcrypt_hash(hashed) else None
+
+
+def generate_password() -> str:
+    """32 URL-safe characters (192 bits): no quoting trouble in shells or docker login."""
+    return secrets.token_urlsafe(24)
+
+
+def read_password(stream: TextIO) -> str | None:
+    """The first line of ``stream`` without its line ending; None when there is none.
+
+    For ``echo pw | docker exec -i C acme-registry user add NAME``; None tells the caller to
+    generate a password instead (``docker exec`` without ``-i`` gives an empty stdin).
+    """
+    line = stream.readline(4096)
+    password = line.rstrip("\r\n")
+    return password or None
+
+
+def registry_auth_config(htpasswd_path: Path, realm: str) -> dict[str, Any]:
+    """The value of the registry config's ``auth`` key: ``{"htpasswd": {realm, path}}``."""
+    return {"htpasswd": {"realm": realm, "path": str(htpasswd_path)}}
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    users: dict[str, str] = field(default_factory=dict)
+    initial_admin: bool = False
+
+
+class UserStore:
+    """Run-time users in ``DATA_DIR/auth``, combined with ``env_users`` into the htpasswd.
+
+    Every change holds an flock on ``DATA_DIR/auth/.lock`` (threads of one process and
+    separate processes alike) and ends with :meth:`sync_htpasswd`, so the registry sees a
+    user as soon as ``add`` returns and stops accepting one as soon as ``remove`` returns
+    (on its next request: it re-reads the file when the mtime changed).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env_users: Mapping[str, Credential] | None = None,
+        *,
+        cost: int = DEFAULT_COST,
+    ) -> None:
+        if not MIN_COST <= cost <= MAX_COST:
+            raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
+        self.directory = data_dir / "auth"
+        self.env_users = dict(env_users or {})
+        self.cost = cost
+        # Hashes of the environment's plain passwords, made or verified once per process:
+        # a new salt on every sync would rewrite the file (and reload the registry) each time.
+        self._env_hashes: dict[str, str] = {}
+
+    @property
+    def htpasswd_path(self) -> Path:
+        return self.directory / "htpasswd"
+
+    @property
+    def users_path(self) -> Path:
+        return self.directory / "users.json"
+
+    @property
+    def initial_password_path(self) -> Path:
+        return self.directory / "initial-admin-password"
+
+    # -- operations --------------------------------------------------------------------------
+
+    def add(self, name: str, password: str) -> bool:
+        """Add a run-time user or replace its password; True when the user is new."""
+        if not valid_name(name):
+            raise AuthError("a user name is 1-64 of A-Z a-z 0-9 . _ - characters")
+        self._refuse_env_user(name, "change its password there")
+        hashed = hash_password(password, self.cost)  # outside the lock: it takes a while
+        with self._locked():
+            state = self._load()
+            created = name not in state.users
+            state.users[name] = hashed
+            self._save(state)
+            if name == INITIAL_ADMIN:
+                self._forget_initial_password()
+            self._sync()
+        log.info("user %s %s", name, "added" if created else "given a new password")
+        return created
+
+    def remove(self, name: str) -> None:
+        self._refuse_env_user(name, "remove it there and restart")
+        with self._locked():
+            state = self._load()
+            if name not in state.users:
+                raise AuthError(f"no user {name!r}")
+            del state.users[name]
+            self._save(state)
+            if name == INITIAL_ADMIN:
+                self._forget_initial_password()
+            self._sync()
+        log.info("user %s removed", name)
+
+    def list(self) -> dict[str, str]:
+        """Every user, by name, with where it comes from: a variable name or ``run-time``."""
+        with self._locked():
+            state = self._load()
+        origins = dict.fromkeys(state.users, RUNTIME)
+        origins.update({name: cred.source for name, cred in self.env_users.items()})
+        return dict(sorted(origins.items()))
+
+    def sync_htpasswd(self) -> bool:
+        """Write the htpasswd file if its content would change; True when it was written."""
+        with self._locked():
+            return self._sync()
+
+    def ensure_initial_admin(self) -> str | None:
+        """Create the first ``admin`` when nobody else can log in; a message to log, or None.
+
+        The message names the password file and how to read it, never the password. It is
+        also returned on later starts while that file still exists (a reminder), and when
+        every user has been removed (every request is refused until one is added).
+        """
+        if self.env_users:
+            return None
+        path = self.initial_password_path
+        read_it = f"read it with: docker exec <container> cat {path}"
+        with self._locked():
+            state = self._load()
+            if state.users:
+                if INITIAL_ADMIN in state.users and path.exists():
+                    return (
+                        f"the initial password of user {INITIAL_ADMIN!r} is in {path}; {read_it} "
+                        f"(`acme-registry user add {INITIAL_ADMIN}` sets a new one and deletes it)"
+                    )
+                return None
+            if state.initial_admin:
+                return (
+                    "no registry users: every request is refused until one is added with "
+                    "`acme-registry user add NAME`"
+                )
+            # A file without a user means a crash between the two writes below: the operator
+            # may already have read that password, so it is the one to keep.
+            password = _read_initial_password(path)
+            if password is None:
+                password = generate_password()
+                write_atomic(path, password.encode() + b"\n", mode=0o600)
+            state.users[INITIAL_ADMIN] = hash_password(password, self.cost)
+            state.initial_admin = True
+            self._save(state)
+            self._sync()
+        return (
+            f"created registry user {INITIAL_ADMIN!r} with a random password, stored in {path}; "
+            f"{read_it} (then log in with: docker login -u {INITIAL_ADMIN} --password-stdin)"
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _refuse_env_user(self, name: str, advice: str) -> None:
+        credential = self.env_users.get(name)
+        if credential is not None:
+            raise AuthError(
+                f"user {name!r} is defined by {credential.source}, which the agent cannot "
+                f"change at run time; {advice}"
+            )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        ensure_private_dir(self.directory)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _load(self) -> _State:
+        try:
+            data = json.loads(self.users_path.read_bytes())
+        except FileNotFoundError:
+            return _State()
+        except ValueError:
+            raise AuthError(
+                f"{self.users_path} is not valid JSON; restore it from a backup"
+            ) from None
+        users = data.get("users") if isinstance(data, dict) else None
+        if not isinstance(users, dict) or not all(
+            isinstance(k, str) and valid_name(k) and isinstance(v, str) and is_bcrypt_hash(v)
+            for k, v in users.items()
+        ):
+            # Refuse rather than drop users: a silently emptied store would lock people out.
+            raise AuthError(f"{self.users_path} has an unexpected layout; restore it from a backup")
+        return _State(users=dict(users), initial_admin=bool(data.get("initial_admin")))
+
+    def _save(self, state: _State) -> None:
+        data = {"version": 1, "users": dict(sorted(state.users.items()))}
+        if state.initial_admin:
+            data["initial_admin"] = True
+        write_atomic(self.users_path, json.dumps(data, indent=2).encode() + b"\n", mode=0o600)
+
+    def _forget_initial_password(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.initial_password_path.unlink()
+
+    def _env_hash(self, name: str, credential: Credential, current: Mapping[str, str]) -> str:
+        if credential.hashed:
+            return credential.secret
+        cached = self._env_hashes.get(name)
+        if cached is not None:
+            return cached
+        old = current.get(name)
+        if old and hash_cost(old) == self.cost and check_password(credential.secret, old):
+            hashed = old
+        else:
+            hashed = hash_password(credential.secret, self.cost)
+        self._env_hashes[name] = hashed
+        return hashed
+
+    def _sync(self) -> bool:
+        path = self.htpasswd_path
+        try:
+            old_bytes: bytes | None = path.read_bytes()
+            old_mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            old_bytes, old_mtime = None, 0
+        current = parse_htpasswd(old_bytes.decode(errors="replace")) if old_bytes else {}
+        entries = dict(self._load().users)
+        for name in sorted(set(entries) & set(self.env_users)):
+            log.warning(
+                "run-time user %s is shadowed by %s; the environment's password applies",
+                name,
+                self.env_users[name].source,
+            )
+        for name, credential in self.env_users.items():
+            entries[name] = self._env_hash(name, credential, current)
+        content = _HTPASSWD_HEADER + "".join(f"{n}:{h}\n" for n, h in sorted(entries.items()))
+        data = content.encode()
+        if data == old_bytes:
+            return False
+        write_atomic(path, data, mode=0o600)
+        # The registry reloads only when the mtime differs from the one it saw, and file
+        # times come from a coarse clock: two writes in one tick would look unchanged.
+        stamp = max(time.time_ns(), old_mtime + 1_000)
+        os.utime(path, ns=(stamp, stamp))
+        log.info("htpasswd written with %d user(s)", len(entries))
+        return True
+
+
+def _read_initial_password(path: Path) -> str | None:
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return password if password and password_problem(password) is None else None
+
+
+# -- the control socket ----------------------------------------------------------------------
+
+ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
+    """``user-add``, ``user-remove`` and ``user-list`` for :class:`~.control.ControlServer`.
+
+    Requests: ``{"command": "user-add", "name": N, "password": P}``, ``{"command":
+    "user-remove", "name": N}``, ``{"command": "user-list"}``. Answers are ``{"ok": true,
+    ...}`` or ``{"ok": false, "error": ...}``; none contains a password or a hash.
+    """
+
+    def answer(action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return {"ok": True, **action()}
+        except AuthError as error:
+            return {"ok": False, "error": str(error)}
+
+    def add(request: dict[str, Any]) -> dict[str, Any]:
+        name, password = request.get("name"), request.get("password")
+        if not isinstance(name, str) or not isinstance(password, str):
+            return {"ok": False, "error": "user-add needs a name and a password"}
+        return answer(lambda: {"created": store.add(name, password)})
+
+    def remove(request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("name")
+        if not isinstance(name, str):
+            return {"ok": False, "error": "user-remove needs a name"}
+
+        def action() -> dict[str, Any]:
+            store.remove(name)
+            return {}
+
+        return answer(action)
+
+    def list_users(request: dict[str, Any]) -> dict[str, Any]:
+        return answer(lambda: {"users": store.list()})
+
+    return {"user-add": add, "user-remove": remove, "user-list": list_users}
