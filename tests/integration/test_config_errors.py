@@ -121,6 +121,20 @@ INVALID = [
         "not a file",
     ),
     ("own key missing", {"ACME_ENABLED": "false"}, "TLS_CERT_FILE", "not a file"),
+    ("auth mode", {"AUTH_MODE": "ldap"}, "AUTH_MODE", "htpasswd"),
+    ("auth typo", {"AUTH_USER": "a:b"}, "AUTH_USER", "did you mean AUTH_USERS"),
+    ("users without password", {"AUTH_USERS": "alice"}, "AUTH_USERS", "entry 1"),
+    ("users file missing", {"AUTH_USERS_FILE": "/nonexistent"}, "AUTH_USERS_FILE", "not a file"),
+    ("users with auth off", {"AUTH_MODE": "none", "AUTH_USERS": "a:b"}, "AUTH_USERS", "none"),
+    (
+        "registry auth while ours",
+        {"REGISTRY_AUTH_HTPASSWD_PATH": "/x"},
+        "REGISTRY_AUTH_HTPASSWD_PATH",
+        "owns auth",
+    ),
+    ("admin on registry port", {"ADMIN_ADDR": "@registryaddr"}, "ADMIN_ADDR", "already used"),
+    ("admin addr", {"ADMIN_ADDR": "9180"}, "ADMIN_ADDR", "host:port"),
+    ("log format", {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "json"),
 ]
 
 
@@ -139,7 +153,9 @@ def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, va
         if value is None:
             env.pop(name, None)
         else:
-            env[name] = value.replace("@notpem", str(not_pem))
+            env[name] = value.replace("@notpem", str(not_pem)).replace(
+                "@registryaddr", env["REGISTRY_HTTP_ADDR"]
+            )
     before = snapshot(tmp_path / "certs", tmp_path / "data")
 
     result = run_cli(env, "run")
@@ -159,6 +175,14 @@ def test_secret_is_not_echoed_in_the_error(tmp_path):
     result = run_cli(env, "run")
     assert result.returncode == 2
     assert "short" not in result.stderr.replace("shorter", "")
+
+
+def test_a_bad_users_entry_does_not_echo_the_password(tmp_path):
+    env = base_env(tmp_path)
+    env["AUTH_USERS"] = "alice:s3cret-value,bad name:other-s3cret"
+    result = run_cli(env, "run")
+    assert result.returncode == 2
+    assert "s3cret" not in result.stderr
 
 
 def test_tls_settings_naming_our_own_files_are_accepted(tmp_path):
