@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 from tests.integration.test_agent import NAME, fingerprint, served, start_agent
-from tests.support.clients import wait_for_tls
+from tests.support.agent import CREDS
+from tests.support.clients import registry_session, wait_for_tls
 from tests.support.ports import free_port
 
 
@@ -128,5 +131,61 @@ def test_changed_configuration_starts_the_backoff_over(tmp_path, pebble_factory,
             assert time.monotonic() < deadline, agent.log()
             time.sleep(0.2)
         assert backoff["failures"] == 1
+    finally:
+        agent.stop()
+
+
+def test_an_upload_started_before_a_rotation_finishes_after_it(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        first = served(agent, pebble)
+        session = registry_session(NAME, pebble.root_pem(), tmp_path / "session")
+        session.auth = tuple(CREDS.split(":", 1))
+        base = f"https://127.0.0.1:{agent.registry_port}"
+        blob = os.urandom(3 * 1024 * 1024)
+        started = session.post(f"{base}/v2/demo/blobs/uploads/", timeout=10)
+        assert started.status_code == 202, started.text
+        location = started.headers["Location"]
+        half = session.patch(
+            location if location.startswith("http") else base + location,
+            data=blob[: len(blob) // 2],
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+        assert half.status_code == 202, half.text
+
+        assert agent.cli("renew", timeout=120).returncode == 0
+        wait_for_tls(
+            "127.0.0.1",
+            agent.registry_port,
+            NAME,
+            pebble.root_pem(),
+            timeout=10,
+            accept=lambda cert: fingerprint(cert) != fingerprint(first),
+        )
+
+        session = registry_session(NAME, pebble.root_pem(), tmp_path / "session2")
+        session.auth = tuple(CREDS.split(":", 1))
+        location = half.headers["Location"]
+        rest = session.patch(
+            location if location.startswith("http") else base + location,
+            data=blob[len(blob) // 2 :],
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+        assert rest.status_code == 202, rest.text
+        location = rest.headers["Location"]
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        done = session.put(
+            location if location.startswith("http") else base + location,
+            params={"digest": digest},
+            timeout=30,
+        )
+        assert done.status_code == 201, done.text
+        fetched = session.get(f"{base}/v2/demo/blobs/{digest}", timeout=30)
+        assert hashlib.sha256(fetched.content).hexdigest() == digest.split(":")[1]
     finally:
         agent.stop()

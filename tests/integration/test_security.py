@@ -11,27 +11,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_agent import NAME, served, start_agent
 from tests.support.agent import CREDS, PASSWORD
+from tests.support.clients import registry_session
 from tests.support.ports import free_port
 
 
 def registry_get(agent, pebble, tmp_path, auth=None) -> requests.Response:
-    root = tmp_path / "root.pem"
-    root.write_bytes(pebble.root_pem())
-    session = requests.Session()
-    session.trust_env = False
-    # Connect to loopback while verifying the certificate for NAME.
-    from requests.adapters import HTTPAdapter
-
-    class Pinned(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
-            kwargs["server_hostname"] = NAME
-            kwargs["assert_hostname"] = NAME
-            super().init_poolmanager(*args, **kwargs)
-
-    session.mount("https://", Pinned())
-    return session.get(
-        f"https://127.0.0.1:{agent.registry_port}/v2/", auth=auth, verify=str(root), timeout=10
-    )
+    session = registry_session(NAME, pebble.root_pem(), tmp_path / "session")
+    return session.get(f"https://127.0.0.1:{agent.registry_port}/v2/", auth=auth, timeout=10)
 
 
 def user_cli(agent, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from cryptography import x509
 
 # Proxies are for reaching package mirrors; a Go or Python client would otherwise send
@@ -265,3 +266,23 @@ def wait_for_tls(
                 f"within {timeout} s; last: {last}"
             )
         time.sleep(0.05)
+
+
+def registry_session(server_name: str, ca_pem: bytes, workdir: Path) -> requests.Session:
+    """A requests session that connects to loopback while verifying ``server_name``."""
+    from requests.adapters import HTTPAdapter
+
+    class PinnedName(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["server_hostname"] = server_name
+            kwargs["assert_hostname"] = server_name
+            super().init_poolmanager(*args, **kwargs)
+
+    root = workdir / "registry-session-root.pem"
+    workdir.mkdir(parents=True, exist_ok=True)
+    root.write_bytes(ca_pem)
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(root)
+    session.mount("https://", PinnedName())
+    return session
