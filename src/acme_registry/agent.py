@@ -34,7 +34,7 @@ from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer
-from .registry import RegistryGenerations, Supervisor, http_secret, render_config, write_config
+from .registry import RegistryGenerations, Supervisor, http_secret, render_config
 from .responder import ChallengeResponder
 from .storage import FileStorage, ensure_private_dir
 
@@ -104,7 +104,9 @@ class Agent:
             settings.domains, self.challenges.lookup, settings.http_port
         )
         self.generations = RegistryGenerations(
-            Supervisor(settings.supervisor_socket), settings.registry_addr
+            Supervisor(settings.supervisor_socket),
+            settings.registry_addr,
+            settings.registry_config_dir,
         )
         self.users = (
             UserStore(settings.data_dir, settings.auth_users)
@@ -152,15 +154,14 @@ class Agent:
             auth = registry_auth_config(self.users.htpasswd_path, "acme-registry")
         else:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
-        write_config(
-            self.settings.registry_config,
+        self.generations.configure(
             render_config(
                 self.settings,
                 http_secret(self.storage),
                 self.certs.tls_file,
                 self.settings.registry_env,
                 auth,
-            ),
+            )
         )
         self.responder.start()
         self.control.start()

@@ -154,8 +154,9 @@ class Settings:
         return self.run_dir / "supervisor.sock"
 
     @property
-    def registry_config(self) -> Path:
-        return self.data_dir / "registry" / "config.yml"
+    def registry_config_dir(self) -> Path:
+        """registry-N.yml for registry generation N (0600: they hold http.secret)."""
+        return self.data_dir / "registry"
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -349,6 +349,9 @@ class Issuer:
                     time.sleep(0.25 * 2**transient)
                     continue
                 raise IssuanceError(f"{step}: {_describe(error)}", self._retry_after()) from None
+            except errors.ConflictError:
+                # A 409 (alreadyReplaced, for one): the library keeps no problem document.
+                raise IssuanceError(f"{step}: the CA answered 409 Conflict") from None
             except (requests.ConnectionError, requests.Timeout, errors.ClientError) as error:
                 if transient < TRANSIENT_RETRIES and not _is_client_side(error):
                     transient += 1

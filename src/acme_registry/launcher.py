@@ -55,7 +55,7 @@ def supervisord_environment(settings: Settings) -> dict[str, str]:
         ACME_REGISTRY_RUN_DIR=str(settings.run_dir),
         ACME_REGISTRY_PYTHON=sys.executable,
         ACME_REGISTRY_REGISTRY_BINARY=str(settings.registry_binary),
-        ACME_REGISTRY_CONFIG=str(settings.registry_config),
+        ACME_REGISTRY_CONFIG_DIR=str(settings.registry_config_dir),
         # The registry drains for drain_seconds after SIGTERM; give it a little more.
         ACME_REGISTRY_STOP_WAIT=str(int(settings.drain_seconds) + 5),
     )

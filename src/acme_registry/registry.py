@@ -8,8 +8,10 @@ milliseconds while its transfers drain) and starts the next as soon as the port 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import secrets
 import time
 import xmlrpc.client
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import listeners
 from .config import ListenAddress, Settings
 from .storage import Storage, write_atomic
 
@@ -72,11 +75,6 @@ def render_config(
     return config
 
 
-def write_config(path: Path, config: dict[str, Any]) -> None:
-    # JSON is YAML: no YAML library needed. 0600 because it holds http.secret.
-    write_atomic(path, json.dumps(config, indent=2).encode() + b"\n", mode=0o600)
-
-
 class Supervisor:
     """A small client for supervisord's XML-RPC interface on its unix socket."""
 
@@ -111,12 +109,30 @@ class Supervisor:
 
 
 class RegistryGenerations:
-    """Which generation serves, starting the first and rotating to the next."""
+    """Which generation serves, starting the first and rotating to the next.
 
-    def __init__(self, supervisor: Supervisor, addr: ListenAddress) -> None:
+    Generation N reads ``config_dir/registry-N.yml``. A rotation starts the next generation
+    *before* stopping the current one, with that path made a FIFO: the new process does its
+    start-up work (~15 ms for the registry binary) and then blocks reading its config. Once
+    the old listener is gone the config is written into the FIFO and the new process listens
+    within a few milliseconds, instead of start-up time after the port was freed. The path is
+    then replaced by a regular file, which is what a supervisord restart after a crash reads.
+    """
+
+    def __init__(self, supervisor: Supervisor, addr: ListenAddress, config_dir: Path) -> None:
         self.supervisor = supervisor
         self.addr = addr
-        self.restarts = 0
+        self.config_dir = config_dir
+        self.config = b""
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """The registry configuration every generation started from now on reads."""
+        self.config = json.dumps(config, indent=2).encode() + b"\n"
+        for index in range(GENERATIONS):
+            write_atomic(self.config_path(index), self.config, mode=0o600)
+
+    def config_path(self, index: int) -> Path:
+        return self.config_dir / f"registry-{index}.yml"
 
     @staticmethod
     def name(index: int) -> str:
@@ -131,63 +147,71 @@ class RegistryGenerations:
         current = self.current()
         if current is not None:
             return current
-        return self._start_free_slot()
+        index = self._free_slot()
+        write_atomic(self.config_path(index), self.config, mode=0o600)
+        self.supervisor.start(self.name(index))
+        return self.name(index)
 
     def rotate(self) -> str:
         """Replace the serving generation with a new one; the new one loads the new pair."""
         current = self.current()
+        if current is None:
+            return self.ensure_running()
+        index = self._free_slot()
+        path = self.config_path(index)
         began = time.monotonic()
-        stopped = closed = began
-        if current is not None:
+        path.unlink(missing_ok=True)
+        os.mkfifo(path, 0o600)
+        try:
+            self.supervisor.start(self.name(index))
+            writer = _open_fifo_writer(path, timeout=5.0)
+            ready = time.monotonic()
             self.supervisor.stop(current)
             stopped = time.monotonic()
-            if not wait_port_closed(self.addr.port, timeout=5.0):
-                log.warning(
-                    "port %d still has a listener after 5 s; starting anyway", self.addr.port
-                )
+            if not listeners.wait_closed(self.addr.port, timeout=5.0):
+                log.warning("port %d still has a listener after 5 s", self.addr.port)
             closed = time.monotonic()
-        started = self._start_free_slot()
+            if writer is None:
+                # The new process never opened its config: restart it on a regular file.
+                write_atomic(path, self.config, mode=0o600)
+                self.supervisor.stop(self.name(index))
+                self.supervisor.start(self.name(index))
+            else:
+                with os.fdopen(writer, "wb") as fifo:
+                    fifo.write(self.config)
+        finally:
+            write_atomic(path, self.config, mode=0o600)
         log.info(
-            "registry generation %s started (was %s): stop request %.1f ms, "
-            "listener gone %.1f ms later, start request %.1f ms",
-            started,
-            current or "none",
-            (stopped - began) * 1000,
+            "registry generation %s replaced %s: new process ready %.1f ms, stop request "
+            "%.1f ms, old listener gone %.1f ms later, config handed over %.1f ms later",
+            self.name(index),
+            current,
+            (ready - began) * 1000,
+            (stopped - ready) * 1000,
             (closed - stopped) * 1000,
             (time.monotonic() - closed) * 1000,
         )
-        return started
+        return self.name(index)
 
-    def _start_free_slot(self) -> str:
+    def _free_slot(self) -> int:
         states = self.supervisor.states(GROUP)
         for index in range(GENERATIONS):
-            name = self.name(index)
-            if states.get(name) in ("STOPPED", "EXITED", "FATAL"):
-                self.supervisor.start(name)
-                self.restarts += 1
-                return name
+            if states.get(self.name(index)) in ("STOPPED", "EXITED", "FATAL"):
+                return index
         raise RuntimeError("every registry generation is still draining; try again later")
 
 
-def listening_ports() -> set[int]:
-    """Ports with a TCP listener on this host (network namespace), from /proc."""
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def wait_port_closed(port: int, timeout: float) -> bool:
+def _open_fifo_writer(path: Path, timeout: float) -> int | None:
+    """Open the FIFO for writing once its reader (the new registry) has opened it."""
     deadline = time.monotonic() + timeout
-    while port in listening_ports():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            time.sleep(0.001)
+            continue
+        os.set_blocking(fd, True)
+        return fd
+    return None

@@ -82,12 +82,12 @@ def test_kill_9_during_certificate_writes_always_leaves_a_matching_pair(
 
 
 def registry_pid(agent) -> int:
-    config = str(agent.data_dir / "registry" / "config.yml")
+    configs = str(agent.data_dir / "registry" / "registry-").encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-                if config.encode() in cmdline and b"serve" in cmdline:
+                if b"serve" in cmdline and any(arg.startswith(configs) for arg in cmdline):
                     return int(entry.name)
     raise AssertionError("no registry process")
 

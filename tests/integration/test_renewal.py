@@ -46,7 +46,7 @@ def test_renew_rotates_the_registry_to_the_new_certificate(
         assert pebble.orders_created() == 2
     finally:
         assert agent.stop() == 0
-    assert "(was registry:registry-0)" in agent.log()
+    assert "registry generation registry:registry-1 replaced registry:registry-0" in agent.log()
 
 
 def test_failures_back_off_and_the_backoff_survives_restarts(

@@ -138,8 +138,8 @@ def test_registry_headers_and_no_debug_listener(tmp_path, pebble_factory, regist
         response = registry_get(agent, pebble, tmp_path)
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert "max-age=" in response.headers["Strict-Transport-Security"]
-        config = (agent.data_dir / "registry" / "config.yml").read_text()
+        config = (agent.data_dir / "registry" / "registry-0.yml").read_text()
         assert '"debug"' not in config
-        assert (agent.data_dir / "registry" / "config.yml").stat().st_mode & 0o777 == 0o600
+        assert (agent.data_dir / "registry" / "registry-0.yml").stat().st_mode & 0o777 == 0o600
     finally:
         agent.stop()
