@@ -6,9 +6,9 @@
 # Bookworm's pebble (2.4.0) has no ARI and no profiles; sid's 2.10 needs only libc6 >= 2.34,
 # so it runs on bookworm as it is. Adds a sid source for the mirror the machine already uses,
 # pinned so that apt never picks anything from it on its own, downloads the pebble .deb and
-# unpacks it into TARGET_DIR (usr/bin/pebble, usr/bin/pebble-challtestsrv). Idempotent: a second run that
-# finds a working TARGET_DIR/usr/bin/pebble does nothing. Needs root only when it has to
-# touch apt.
+# unpacks it into TARGET_DIR (usr/bin/pebble, usr/bin/pebble-challtestsrv). Idempotent: a
+# run that finds a working TARGET_DIR/usr/bin/pebble does nothing. Needs root only when it
+# has to touch apt.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
