@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     remove = user_commands.add_parser("remove", help="remove a user added at run time")
     remove.add_argument("name")
     user_commands.add_parser("list", help="the users and where each comes from")
-    commands.add_parser("agent", help=argparse.SUPPRESS)
     issue = commands.add_parser("issue", help=argparse.SUPPRESS)
     issue.add_argument("--replaces", default=None)
     issue.add_argument("--dry-run", action="store_true")
@@ -74,10 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         from .launcher import launch
 
         return launch(settings)
-    if args.command == "agent":
-        from .agent import Agent
-
-        return Agent(settings).run()
     from .issuer import obtain_and_store
 
     result = obtain_and_store(settings, replaces=args.replaces, dry_run=args.dry_run)

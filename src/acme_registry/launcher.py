@@ -8,17 +8,22 @@ entrypoint/supervisord.conf.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
-import time
+import threading
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .storage import ensure_private_dir
 
-WAKE_TIMEOUT = 5.0
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
 
 
 def supervisord_conf() -> Path:
@@ -53,9 +58,10 @@ def supervisord_environment(settings: Settings) -> dict[str, str]:
     env.pop("REGISTRY_BINARY", None)
     env.update(
         ACME_REGISTRY_RUN_DIR=str(settings.run_dir),
-        ACME_REGISTRY_PYTHON=sys.executable,
         ACME_REGISTRY_REGISTRY_BINARY=str(settings.registry_binary),
         ACME_REGISTRY_CONFIG_DIR=str(settings.registry_config_dir),
+        # This process's stdout, which the registry writes to directly.
+        ACME_REGISTRY_LOG=f"/proc/{os.getpid()}/fd/1",
         # The registry drains for drain_seconds after SIGTERM; give it a little more.
         ACME_REGISTRY_STOP_WAIT=str(int(settings.drain_seconds) + 5),
     )
@@ -72,27 +78,35 @@ def launch(settings: Settings) -> int:
             return 1
     ensure_private_dir(settings.data_dir)
     ensure_private_dir(settings.run_dir)
-    socket_path = settings.supervisor_socket
-    if socket_path.exists():
-        socket_path.unlink()
+    settings.supervisor_socket.unlink(missing_ok=True)
     conf = supervisord_conf()
     env = supervisord_environment(settings)
     os.environ.clear()  # supervisord passes its own environment to every program
     os.environ.update(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.fork() == 0:
-        _wake_supervisord(socket_path)
-        os._exit(0)
-    return _run_supervisord(conf)
+
+    from .agent import Agent
+
+    agent = Agent(settings)
+    try:
+        agent.start()
+    except OSError as error:
+        print(f"acme-registry: cannot start: {error}", file=sys.stderr)
+        agent.stop()
+        return 1
+    try:
+        return _run_supervisord(conf, agent)
+    finally:
+        agent.stop()
 
 
-def _run_supervisord(conf: Path) -> int:
+def _run_supervisord(conf: Path, agent: Agent) -> int:
     """Run supervisord in this process (PID 1 in the container) until it shuts down.
 
-    In-process rather than exec'd, so that when a program gives up (FATAL) we can shut
-    everything down and exit non-zero: the orchestrator then sees the failure and restarts
-    the container. supervisord itself has no way to choose its exit status.
+    In-process rather than exec'd, so that when a program gives up (FATAL), or the agent
+    does, we can shut everything down and exit non-zero: the orchestrator then sees the
+    failure and restarts the container. supervisord itself cannot choose its exit status.
+    The agent's loop runs on a thread of this process, started once supervisord's own
+    loop (and so its XML-RPC socket) runs.
     """
     from supervisor import events, supervisord
     from supervisor.medusa import asyncore_25 as asyncore
@@ -101,14 +115,26 @@ def _run_supervisord(conf: Path) -> int:
 
     gave_up: list[str] = []
 
-    def on_fatal(event: events.ProcessStateFatalEvent) -> None:
-        gave_up.append(event.process.config.name)
+    def give_up(what: str) -> None:
+        gave_up.append(what)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_fatal(event: events.ProcessStateFatalEvent) -> None:
+        give_up(event.process.config.name)
+
+    def maintain() -> None:
+        try:
+            agent.maintain_forever()
+        except Exception:
+            log.exception("the agent failed")
+            give_up("the agent")
 
     class Supervisord(supervisord.Supervisor):  # type: ignore[misc]
         def runforever(self) -> None:
             # run() clears every event subscription just before this; subscribe here.
             events.subscribe(events.ProcessStateFatalEvent, on_fatal)
+            if not any(t.name == "agent" for t in threading.enumerate()):
+                threading.Thread(target=maintain, name="agent", daemon=True).start()
             super().runforever()
 
     first = True
@@ -131,22 +157,3 @@ def _run_supervisord(conf: Path) -> int:
         )
         return 1
     return 0
-
-
-def _wake_supervisord(socket_path: Path) -> None:
-    """Poke supervisord's socket once it exists.
-
-    supervisord's main loop first waits up to a second before starting autostart
-    programs; a request on its socket ends that wait, so the agent starts ~1 s sooner.
-    """
-    from .registry import Supervisor
-
-    deadline = time.monotonic() + WAKE_TIMEOUT
-    while time.monotonic() < deadline:
-        if socket_path.exists():
-            try:
-                Supervisor(socket_path).states("agent")
-                return
-            except OSError:
-                pass
-        time.sleep(0.005)
