@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl
+APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman buildah runc debootstrap
 
 .PHONY: test lint unit integration system-deps venv clean
 

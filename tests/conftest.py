@@ -52,3 +52,20 @@ def oci_image(tmp_path: Path) -> Path:
     layout = tmp_path / "oci-image"
     make_oci_image(layout, tag="v1", size=4096)
     return layout
+
+
+@pytest.fixture(scope="session")
+def product_image() -> str:
+    """The image built from this repository's Dockerfile, once per session, on local stand-ins
+    for the official base images (which cannot be pulled here); the stand-ins are cached."""
+    from tests.support import podman
+
+    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not installed: the e2e tests need Debian's podman, buildah, "
+            "runc, skopeo and debootstrap (make system-deps)"
+        )
+    built = podman.build_product_image()
+    print(f"\nbuilt {built.tag}: {built.size / 1e6:.1f} MB in {built.seconds:.1f} s")
+    return built.tag

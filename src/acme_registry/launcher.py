@@ -8,9 +8,11 @@ entrypoint/supervisord.conf.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from importlib import resources
@@ -70,9 +72,44 @@ def supervisord_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+def check_bindable(variable: str, host: str, port: int) -> str | None:
+    """One line naming the setting and the fix when ``port`` cannot be bound, else None."""
+    family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and not host:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((host or "::", port))
+    except OSError as error:
+        if not host and error.errno == errno.EAFNOSUPPORT:
+            return check_bindable(variable, "0.0.0.0", port)
+        advice = ""
+        if error.errno == errno.EACCES:
+            advice = (
+                ": ports below 1024 need net.ipv4.ip_unprivileged_port_start=0 in the "
+                "container's network namespace (docker run does it; podman run needs "
+                "--sysctl net.ipv4.ip_unprivileged_port_start=0), or choose a port >= 1024"
+            )
+        elif error.errno == errno.EADDRINUSE:
+            advice = ": something else listens there"
+        uid = os.getuid()
+        return f"{variable} port {port} cannot be bound by uid {uid} ({error.strerror}){advice}"
+    return None
+
+
 def launch(settings: Settings) -> int:
-    for variable, path in (("DATA_DIR", settings.data_dir), ("CERT_DIR", settings.cert_dir)):
-        problem = check_writable(variable, path)
+    checks = [check_writable("DATA_DIR", settings.data_dir)]
+    checks.append(check_writable("CERT_DIR", settings.cert_dir))
+    storage = settings.registry_env.get("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
+    if not any(name.upper().startswith("REGISTRY_STORAGE") for name in settings.registry_env):
+        storage = "/var/lib/registry"
+    if storage:
+        checks.append(check_writable("the registry's storage", Path(storage)))
+    checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
+    addr = settings.registry_addr
+    checks.append(check_bindable("REGISTRY_HTTP_ADDR", addr.host, addr.port))
+    for problem in checks:
         if problem:
             print(f"acme-registry: {problem}", file=sys.stderr)
             return 1

@@ -62,7 +62,10 @@ def ensure_private_dir(path: Path) -> Path:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=0o700)
-    os.chmod(path, 0o700)
+    # A volume root may belong to root with our group (Kubernetes fsGroup): its mode is
+    # the platform's to set, and the 0700 folders inside it keep the secrets private.
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
     return path
 
 

@@ -270,3 +270,22 @@ def test_a_registry_that_keeps_failing_ends_run_with_status_1(tmp_path, pebble_f
     status = agent.proc.wait(timeout=60)
     assert status == 1, agent.log()
     assert "gave up" in agent.log()
+
+
+def test_a_port_in_use_is_one_clear_line_before_anything_starts(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        agent = start_agent(
+            tmp_path, pebble, registry_binary, REGISTRY_HTTP_ADDR=f"127.0.0.1:{port}"
+        )
+        assert agent.proc is not None
+        assert agent.proc.wait(timeout=30) == 1
+    lines = [line for line in agent.log().splitlines() if line.startswith("acme-registry:")]
+    assert lines == [
+        f"acme-registry: REGISTRY_HTTP_ADDR port {port} cannot be bound by uid 0 "
+        "(Address already in use): something else listens there"
+    ]
+    assert pebble.orders_created() == 0
