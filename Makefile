@@ -5,10 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman buildah runc debootstrap
 
-.PHONY: test lint unit integration system-deps venv clean
+.PHONY: test demo lint unit integration e2e system-deps venv clean
 
 test: system-deps venv lint
 	$(BIN)/pytest tests
+
+# The whole job on this machine: a local CA, the image, a push and a pull; cleans up after.
+demo: system-deps venv
+	$(BIN)/python scripts/demo.py
+
+e2e: system-deps venv
+	$(BIN)/pytest tests/e2e
 
 unit: venv
 	$(BIN)/pytest tests/unit
