@@ -6,6 +6,8 @@ import datetime as dt
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -189,3 +191,86 @@ def test_an_upload_started_before_a_rotation_finishes_after_it(
         assert hashlib.sha256(fetched.content).hexdigest() == digest.split(":")[1]
     finally:
         agent.stop()
+
+
+def test_dry_run_orders_from_the_dry_run_directory_and_leaves_the_live_pair(
+    tmp_path, pebble_factory, registry_binary
+):
+    http_port = free_port()
+    live_ca = pebble_factory(http_port)
+    staging = pebble_factory(http_port)
+    agent = start_agent(
+        tmp_path, live_ca, registry_binary, ACME_DRY_RUN_DIRECTORY=staging.directory_url
+    )
+    # Both test CAs' listeners must be trusted: one bundle with both.
+    bundle = tmp_path / "both-cas.pem"
+    bundle.write_bytes(live_ca.ca_bundle.read_bytes() + staging.ca_bundle.read_bytes())
+    agent.stop()
+    agent.env["ACME_CA_BUNDLE"] = str(bundle)
+    agent.start()
+    try:
+        first = served(agent, live_ca)
+        before = (agent.cert_dir / "domain.crt").read_bytes()
+        result = agent.cli("renew", "--dry-run", timeout=120)
+        assert result.returncode == 0, result.stderr + agent.log()
+        assert "dry run succeeded" in result.stdout
+        assert staging.orders_created() == 1
+        assert (agent.cert_dir / "domain.crt").read_bytes() == before
+        assert fingerprint(served(agent, live_ca)) == fingerprint(first)
+    finally:
+        agent.stop()
+
+
+KILLED_AFTER_RECORDING = """
+import os
+from acme_registry.account import Account
+from acme_registry.challenges import PendingChallenges
+from acme_registry.config import load_settings
+from acme_registry.issuer import Issuer
+from acme_registry.storage import FileStorage
+
+class DiesBeforeFinalizing(Issuer):
+    def _complete(self, *args, **kwargs):
+        os._exit(9)  # as a kill -9 right after the order was recorded
+
+settings = load_settings()
+storage = FileStorage(settings.data_dir)
+account, challenges = Account(settings, storage), PendingChallenges(storage)
+DiesBeforeFinalizing(settings, storage, account, challenges).obtain()
+"""
+
+
+def test_an_order_recorded_before_a_crash_is_finished_instead_of_a_new_one(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        first = served(agent, pebble)
+        # An issuing process that dies right after recording its order; the running agent
+        # answers its challenge, as it would for its own child.
+        crashed = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_RECORDING],
+            env=agent.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert crashed.returncode == 9, crashed.stderr
+        assert (agent.data_dir / "orders" / "pending.json").exists()
+        orders = pebble.orders_created()
+        result = agent.cli("renew", timeout=120)
+        assert result.returncode == 0, result.stderr
+        wait_for_tls(
+            "127.0.0.1",
+            agent.registry_port,
+            NAME,
+            pebble.root_pem(),
+            timeout=10,
+            accept=lambda cert: fingerprint(cert) != fingerprint(first),
+        )
+        assert pebble.orders_created() == orders  # finished, not ordered again
+        assert not (agent.data_dir / "orders" / "pending.json").exists()
+    finally:
+        agent.stop()
+    assert "resuming the order" in agent.log()

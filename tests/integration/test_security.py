@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -143,3 +144,22 @@ def test_registry_headers_and_no_debug_listener(tmp_path, pebble_factory, regist
         assert (agent.data_dir / "registry" / "registry-0.yml").stat().st_mode & 0o777 == 0o600
     finally:
         agent.stop()
+
+
+def test_json_logs_one_event_per_line(tmp_path, pebble_factory, registry_binary):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary, LOG_FORMAT="json")
+    try:
+        served(agent, pebble)
+        assert registry_get(agent, pebble, tmp_path).status_code == 401
+    finally:
+        agent.stop()
+    events = []
+    for line in agent.log().splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    ours = [e for e in events if e.get("logger", "").startswith("acme_registry")]
+    assert any("certificate issued" in e["msg"] for e in ours)
+    assert all({"time", "level", "logger", "msg"} <= e.keys() for e in ours)
+    # The registry's own lines are JSON too (its log formatter).
+    assert any(e.get("service") == "registry" for e in events), agent.log()[-2000:]
