@@ -42,6 +42,24 @@ def served(agent: AgentProcess, pebble: Pebble, name: str = NAME, timeout: float
     return wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), timeout)
 
 
+def served_instead_of(agent: AgentProcess, pebble: Pebble, old, timeout: float = 10):
+    """The leaf served once the registry no longer serves ``old``."""
+    return wait_for_tls(
+        "127.0.0.1",
+        agent.registry_port,
+        NAME,
+        pebble.root_pem(),
+        timeout,
+        accept=lambda cert: fingerprint(cert) != fingerprint(old),
+    )
+
+
+def status(agent: AgentProcess) -> dict:
+    result = agent.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def fingerprint(cert) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 

@@ -11,16 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.test_agent import NAME, fingerprint, served, start_agent
+from tests.integration.test_agent import (
+    NAME,
+    fingerprint,
+    served,
+    served_instead_of,
+    start_agent,
+    status,
+)
 from tests.support.agent import CREDS
-from tests.support.clients import registry_session, wait_for_tls
+from tests.support.clients import registry_session
 from tests.support.ports import free_port
-
-
-def status(agent) -> dict:
-    result = agent.cli("status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_renew_rotates_the_registry_to_the_new_certificate(
@@ -34,14 +35,7 @@ def test_renew_rotates_the_registry_to_the_new_certificate(
         result = agent.cli("renew", timeout=120)
         assert result.returncode == 0, result.stderr + agent.log()
         assert "now serving serial" in result.stdout
-        second = wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            NAME,
-            pebble.root_pem(),
-            timeout=10,
-            accept=lambda cert: fingerprint(cert) != fingerprint(first),
-        )
+        second = served_instead_of(agent, pebble, first, 10)
         assert f"{second.serial_number:x}" in result.stdout
         agent.wait_ready()
         assert status(agent)["certificate"]["serial"] == f"{second.serial_number:x}"
@@ -160,14 +154,7 @@ def test_an_upload_started_before_a_rotation_finishes_after_it(
         assert half.status_code == 202, half.text
 
         assert agent.cli("renew", timeout=120).returncode == 0
-        wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            NAME,
-            pebble.root_pem(),
-            timeout=10,
-            accept=lambda cert: fingerprint(cert) != fingerprint(first),
-        )
+        served_instead_of(agent, pebble, first, 10)
 
         session = registry_session(NAME, pebble.root_pem(), tmp_path / "session2")
         session.auth = tuple(CREDS.split(":", 1))
@@ -261,14 +248,7 @@ def test_an_order_recorded_before_a_crash_is_finished_instead_of_a_new_one(
         orders = pebble.orders_created()
         result = agent.cli("renew", timeout=120)
         assert result.returncode == 0, result.stderr
-        wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            NAME,
-            pebble.root_pem(),
-            timeout=10,
-            accept=lambda cert: fingerprint(cert) != fingerprint(first),
-        )
+        served_instead_of(agent, pebble, first, 10)
         assert pebble.orders_created() == orders  # finished, not ordered again
         assert not (agent.data_dir / "orders" / "pending.json").exists()
     finally:

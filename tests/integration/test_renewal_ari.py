@@ -4,15 +4,20 @@ ARI windows steered through Pebble's management API, and `replaces` refused."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import time
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.integration.test_agent import NAME, fingerprint, served, start_agent
-from tests.support.clients import tls_probe, wait_for_tls
+from tests.integration.test_agent import (
+    NAME,
+    served,
+    served_instead_of,
+    start_agent,
+    status,
+)
+from tests.support.clients import tls_probe
 from tests.support.pebble import PEBBLE_PROFILES, pebble_sid_binary
 from tests.support.ports import free_port
 
@@ -28,12 +33,6 @@ def pebble_210(pebble_factory):
         )
 
     return make
-
-
-def status(agent) -> dict:
-    result = agent.cli("status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_short_lived_certificates_renew_on_their_own_with_replaces(
@@ -90,14 +89,7 @@ def test_a_changed_ari_window_is_honoured_at_the_next_check(tmp_path, pebble_210
             now + dt.timedelta(seconds=3),
             explanation_url="https://ca.test/why-renew-now",
         )
-        second = wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            NAME,
-            pebble.root_pem(),
-            timeout=30,
-            accept=lambda cert: fingerprint(cert) != fingerprint(first),
-        )
+        second = served_instead_of(agent, pebble, first, 30)
         agent.wait_ready()
         assert status(agent)["certificate"]["serial"] == f"{second.serial_number:x}"
     finally:
@@ -121,14 +113,7 @@ def test_refused_replaces_is_ordered_again_without_it(tmp_path, pebble_210, regi
         served(agent, pebble)
         result = agent.cli("renew", timeout=120)
         assert result.returncode == 0, result.stderr + agent.log()
-        second = wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            NAME,
-            pebble.root_pem(),
-            timeout=10,
-            accept=lambda cert: fingerprint(cert) != fingerprint(first),
-        )
+        second = served_instead_of(agent, pebble, first, 10)
         assert f"{second.serial_number:x}" in result.stdout
     finally:
         agent.stop()
