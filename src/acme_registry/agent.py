@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from . import ari, schedule
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
@@ -348,7 +346,7 @@ class Agent:
             return None
         try:
             return ari.cert_id(pair.leaf)
-        except (ValueError, x509.ExtensionNotFound):
+        except ValueError:
             return None
 
     def _current_pair(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
@@ -509,7 +507,7 @@ class Agent:
             answer["certificate"] = {
                 "names": sorted(pair.names),
                 "issuer": pair.issuer,
-                "serial": f"{pair.leaf.serial_number:x}",
+                "serial": f"{pair.serial:x}",
                 "not_before": pair.not_before.isoformat(),
                 "not_after": pair.not_after.isoformat(),
                 "renewal": {"at": plan.at.isoformat(), "reason": plan.reason},

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from cryptography import x509
+from .certinfo import CertInfo
 
 # RFC 9773 4.3.2/4.3.3: honour Retry-After within sane bounds; six hours after errors.
 MIN_RECHECK = dt.timedelta(minutes=1)
@@ -30,15 +30,14 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
-def cert_id(cert: x509.Certificate) -> str:
+def cert_id(cert: CertInfo) -> str:
     """base64url(AKI keyIdentifier) "." base64url(DER serial), padding stripped."""
-    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    if aki.key_identifier is None:
-        raise ValueError("the certificate's Authority Key Identifier has no keyIdentifier")
-    serial = cert.serial_number
+    if cert.authority_key_id is None:
+        raise ValueError("the certificate has no Authority Key Identifier keyIdentifier")
+    serial = cert.serial
     # DER INTEGER content: big-endian two's complement, so a leading 1 bit needs a 0 byte.
     serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)
-    return f"{_b64(aki.key_identifier)}.{_b64(serial_bytes)}"
+    return f"{_b64(cert.authority_key_id)}.{_b64(serial_bytes)}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def choose_instant(info: RenewalInfo, rng: random.Random | None = None) -> dt.da
 
 
 def fetch(
-    renewal_info_url: str, cert: x509.Certificate, context: ssl.SSLContext, now: dt.datetime
+    renewal_info_url: str, cert: CertInfo, context: ssl.SSLContext, now: dt.datetime
 ) -> RenewalInfo:
     """GET the RenewalInfo of ``cert``; OSError or ValueError on failure."""
     url = f"{renewal_info_url.rstrip('/')}/{cert_id(cert)}"

@@ -17,15 +17,16 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import ssl
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.x509 import verification
-
-from . import keys
+from . import certinfo
+from .certinfo import CertInfo
 from .storage import ensure_private_dir, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -37,60 +38,120 @@ LIVE = "live"
 GENERATIONS = ".generations"
 KEEP_GENERATIONS = 3
 
+# The key types we issue and accept, by the leaf's subjectPublicKeyInfo algorithm.
+_RSA = "1.2.840.113549.1.1.1"
+_EC = "1.2.840.10045.2.1"
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ((?:[A-Z]+ )*)PRIVATE KEY-----(.*?)-----END", re.DOTALL)
+
 
 @dataclass(frozen=True)
 class CertificatePair:
-    """A parsed chain (leaf first) and the private key that matches its leaf."""
+    """A chain (leaf first) and the private key that matches its leaf, as PEM.
 
-    chain: tuple[x509.Certificate, ...]
-    key: keys.PrivateKey
+    Only the PEM and the facts read by :mod:`certinfo` are kept: the long-running agent
+    must not load ``cryptography`` (see certinfo's docstring).
+    """
+
+    chain: tuple[CertInfo, ...]
     chain_pem: bytes
     key_pem: bytes
 
     @property
-    def leaf(self) -> x509.Certificate:
+    def leaf(self) -> CertInfo:
         return self.chain[0]
 
     @property
     def fingerprint(self) -> str:
-        return keys.fingerprint(self.leaf)
+        return self.leaf.fingerprint
 
     @property
     def names(self) -> frozenset[str]:
-        return keys.dns_names(self.leaf)
+        return self.leaf.names
 
     @property
     def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
+        return self.leaf.not_before
 
     @property
     def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
+        return self.leaf.not_after
 
     @property
     def issuer(self) -> str:
-        return self.leaf.issuer.rfc4514_string()
+        return self.leaf.issuer
+
+    @property
+    def serial(self) -> int:
+        return self.leaf.serial
 
     def describe(self) -> str:
-        return (
-            f"serial {self.leaf.serial_number:x} for {', '.join(sorted(self.names))}, "
-            f"valid until {self.not_after:%Y-%m-%d %H:%M} UTC"
-        )
+        return self.leaf.describe()
 
 
 def parse_pair(chain_pem: bytes, key_pem: bytes) -> CertificatePair:
     """Parse a chain and key; ValueError when either is unreadable or they do not match."""
     try:
-        chain = tuple(x509.load_pem_x509_certificates(chain_pem))
+        chain = certinfo.load_pem_chain(chain_pem)
     except ValueError as error:
         raise ValueError(f"certificate unreadable: {error}") from None
+    key = _PEM_PRIVATE_KEY.search(key_pem)
+    if key is None:
+        raise ValueError("private key unreadable: no PEM private key found")
+    # PKCS#8 "ENCRYPTED PRIVATE KEY", or a traditional key with a Proc-Type header.
+    if key.group(1) == b"ENCRYPTED " or b"Proc-Type: 4,ENCRYPTED" in key.group(2):
+        raise ValueError("private key unreadable: it is encrypted")
+    if chain[0].public_key_algorithm not in (_RSA, _EC):
+        raise ValueError("private key unreadable: only EC and RSA keys are supported")
     try:
-        key = keys.load_key(key_pem)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"private key unreadable: {error}") from None
-    if not keys.public_key_matches(chain[0], key):
-        raise ValueError("the private key does not match the certificate")
-    return CertificatePair(chain, key, chain_pem, key_pem)
+        _server_context(chain_pem, key_pem)
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError("the private key does not match the certificate") from None
+        raise ValueError(f"certificate or private key refused by OpenSSL: {error}") from None
+    return CertificatePair(chain, chain_pem, key_pem)
+
+
+def _server_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A TLS server context serving the pair; ssl.SSLError when OpenSSL refuses it.
+
+    OpenSSL checks that the key matches the leaf as it loads them, which spares us the
+    public-key arithmetic without cryptography.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with _pem_files(chain_pem, key_pem) as (chain_file, key_file):
+        # A password, even empty, stops OpenSSL from prompting on a terminal for one.
+        context.load_cert_chain(chain_file, key_file, password=b"")
+    return context
+
+
+@contextlib.contextmanager
+def _pem_files(*contents: bytes) -> Iterator[list[str]]:
+    """File names that read as ``contents``, for ssl calls that only take file names.
+
+    The bytes given, not the files they came from: those may be replaced meanwhile, and
+    the check must cover the very bytes that are then saved. On Linux they stay in memory,
+    so the private key is not written anywhere new.
+    """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fds: list[int] = []
+        try:
+            for data in contents:
+                fds.append(os.memfd_create("acme-registry-pem", os.MFD_CLOEXEC))
+                with open(fds[-1], "wb", closefd=False) as handle:
+                    handle.write(data)
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="acme-registry-") as directory:
+        paths = []
+        for index, data in enumerate(contents):
+            path = Path(directory, f"{index}.pem")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(data)
+            paths.append(str(path))
+        yield paths
 
 
 def unusable_reason(
@@ -99,13 +160,14 @@ def unusable_reason(
     now: dt.datetime,
     issued_by: str | None,
     directory: str,
-    trusted_roots: list[x509.Certificate] | None = None,
+    trust: ssl.SSLContext | None = None,
 ) -> str | None:
     """Why ``pair`` must not be served for ``domains`` now, or None when it may.
 
     ``issued_by`` is the ACME directory recorded when this agent stored the pair, or None
     for a pair it did not issue (an existing setup moving over), which must then chain to
-    ``trusted_roots``.
+    a root ``trust`` accepts: by default the system's (SSL_CERT_FILE / SSL_CERT_DIR are
+    honoured).
     """
     if pair.names != frozenset(domains):
         return f"it names {', '.join(sorted(pair.names)) or 'nothing'}, not {', '.join(domains)}"
@@ -117,34 +179,40 @@ def unusable_reason(
         if issued_by != directory:
             return f"it was issued through {issued_by}, not the configured {directory}"
         return None
-    if trusted_roots is None:
-        trusted_roots = system_roots()
+    error = verify_as_client(pair, domains[0], trust or ssl.create_default_context())
+    return f"it does not chain to a trusted root ({error})" if error else None
+
+
+def verify_as_client(pair: CertificatePair, hostname: str, trust: ssl.SSLContext) -> str | None:
+    """Serve ``pair`` to a client verifying with ``trust``: its complaint, or None.
+
+    A real handshake in memory, so the chain is judged by the same OpenSSL verification,
+    trust store and host-name check as the clients of the registry will use.
+    """
     try:
-        verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store(trusted_roots))
-            .time(now)
-            .build_server_verifier(x509.DNSName(domains[0]))
-        )
-        verifier.verify(pair.leaf, list(pair.chain[1:]))
-    except (verification.VerificationError, ValueError) as error:
-        return f"it does not chain to a trusted root ({error})"
-    return None
-
-
-def system_roots() -> list[x509.Certificate]:
-    """The machine's trusted roots (SSL_CERT_FILE / SSL_CERT_DIR are honoured)."""
-    paths = ssl.get_default_verify_paths()
-    files: list[Path] = []
-    if paths.cafile:
-        files.append(Path(paths.cafile))
-    if paths.capath and Path(paths.capath).is_dir():
-        files.extend(sorted(Path(paths.capath).glob("*.pem")))
-    roots: list[x509.Certificate] = []
-    for path in files:
-        with contextlib.suppress(OSError, ValueError):
-            roots.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-    return roots
+        server_context = _server_context(pair.chain_pem, pair.key_pem)
+    except ssl.SSLError as error:
+        return f"OpenSSL refused the pair: {error}"
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client = trust.wrap_bio(client_in, client_out, server_hostname=hostname)
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    # TLS 1.3 completes in one and a half round trips, 1.2 in two: a few turns suffice.
+    for _ in range(8):
+        try:
+            client.do_handshake()
+            return None
+        except ssl.SSLCertVerificationError as error:
+            return error.verify_message or str(error)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as error:
+            return str(error)
+        server_in.write(client_out.read())
+        # The server's own failures reach the client as an alert, and are reported there.
+        with contextlib.suppress(ssl.SSLError):
+            server.do_handshake()
+        client_in.write(server_out.read())
+    return "the TLS handshake did not complete"
 
 
 class CertStore:

@@ -463,7 +463,7 @@ def obtain_and_store(
     return {
         "ok": True,
         "fingerprint": pair.fingerprint,
-        "serial": f"{pair.leaf.serial_number:x}",
+        "serial": f"{pair.serial:x}",
         "not_after": pair.not_after.isoformat(),
         "dry_run": dry_run,
         "seconds": time.monotonic() - started,

@@ -1,4 +1,4 @@
-"""Private keys by type, CSRs, and the facts about a certificate/key pair. Pure."""
+"""Private keys by type and CSRs, for the issuing child only (they need cryptography)."""
 
 from __future__ import annotations
 
@@ -52,24 +52,3 @@ def make_csr(key: PrivateKey, domains: tuple[str, ...]) -> bytes:
         x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]), critical=False
     )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def public_key_matches(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
-    def spki(public: object) -> bytes:
-        return public.public_bytes(  # type: ignore[attr-defined]
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    return spki(cert.public_key()) == spki(key.public_key())
-
-
-def dns_names(cert: x509.Certificate) -> frozenset[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return frozenset()
-    return frozenset(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()

@@ -1,10 +1,10 @@
+import dataclasses
 import datetime as dt
 import random
 
 import pytest
-from cryptography import x509
 
-from acme_registry import ari
+from acme_registry import ari, certinfo
 
 # RFC 9773, Appendix A, and the CertID worked out in section 4.1.
 RFC_CERT = b"""-----BEGIN CERTIFICATE-----
@@ -21,8 +21,14 @@ NOW = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 
 def test_cert_id_matches_the_rfc_example():
-    cert = x509.load_pem_x509_certificate(RFC_CERT)
+    (cert,) = certinfo.load_pem_chain(RFC_CERT)
     assert ari.cert_id(cert) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+
+
+def test_cert_id_needs_an_authority_key_identifier():
+    (cert,) = certinfo.load_pem_chain(RFC_CERT)
+    with pytest.raises(ValueError, match="Authority Key Identifier"):
+        ari.cert_id(dataclasses.replace(cert, authority_key_id=None))
 
 
 def test_parse_the_rfc_response():
