@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman buildah runc debootstrap
 
-.PHONY: test demo lint unit integration e2e system-deps venv clean
+.PHONY: test demo bench lint unit integration e2e system-deps venv clean
 
 test: system-deps venv lint
 	$(BIN)/pytest tests
@@ -13,6 +13,15 @@ test: system-deps venv lint
 # The whole job on this machine: a local CA, the image, a push and a pull; cleans up after.
 demo: system-deps venv
 	$(BIN)/python scripts/demo.py
+
+# Ours against Caddy, certbot and the bare registry; rewrites docs/benchmarks.md and charts.
+bench: system-deps venv
+	@missing=""; for p in caddy certbot; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench
 
 e2e: system-deps venv
 	$(BIN)/pytest tests/e2e

@@ -1,0 +1,168 @@
+"""``python -m bench``: acme-registry against Caddy, certbot and the bare registry (issue 6).
+
+Sets up everything on loopback (Pebble, the registry binary, Caddy, certbot, skopeo, curl),
+runs the comparisons side by side, and writes docs/benchmarks.md with PNG charts in docs/.
+The raw numbers go to a JSON file (``--json``); ``--from-json`` renders the report again
+without measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import datapath, machine, renewals, report, startup
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="acme-registry against Caddy, certbot and the bare registry (issue 6); "
+        "writes docs/benchmarks.md and docs/bench-*.png",
+    )
+    parser.add_argument("--rounds", type=int, default=9, help="cold/stored starts per path")
+    parser.add_argument(
+        "--data-rounds", type=int, default=15, help="blob GETs per path and protocol"
+    )
+    parser.add_argument("--skopeo-rounds", type=int, default=5, help="skopeo push+pull per path")
+    parser.add_argument("--blob-mb", type=int, default=512, help="size of the GET test blob")
+    parser.add_argument("--skopeo-mb", type=int, default=16, help="layer size of the skopeo image")
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        help="load without renewal, per path (default: renewals x interval, the same schedule)",
+    )
+    parser.add_argument("--renewals", type=int, default=10, help="acme-registry renew under load")
+    parser.add_argument("--renew-interval", type=float, default=3.0, help="seconds between them")
+    parser.add_argument("--caddy-renewals", type=int, default=3, help="Caddy renewals to wait for")
+    parser.add_argument(
+        "--caddy-validity",
+        type=int,
+        default=120,
+        help="lifetime (s) of Caddy's short certificates (renewed with a third left)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("startup", "data", "renewal"),
+        help="run only these parts (repeatable); default all",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--charts", type=Path, default=REPO / "docs", help="PNG directory")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="render the report from saved results")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.data_rounds, args.skopeo_rounds = 3, 3, 3
+        args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
+    if args.baseline_seconds is None:
+        args.baseline_seconds = args.renewals * args.renew_interval
+    for name in ("rounds", "data_rounds", "skopeo_rounds"):
+        if getattr(args, name) < 3 and not args.from_json:
+            parser.error(f"--{name.replace('_', '-')} must be at least 3")
+    return args
+
+
+def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
+    parts = args.only or ["startup", "data", "renewal"]
+    results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
+    results["settings"] = {k: str(v) for k, v in vars(args).items()}
+
+    def attempt(name: str, step: Callable[[], Any]) -> None:
+        """Run one part; a failure is logged and reported, and the other parts still run."""
+        try:
+            results[name] = step()
+        except Exception as exc:
+            _log(f"{name}: FAILED\n{traceback.format_exc()}")
+            results["errors"].append(f"{name}: {type(exc).__name__}: {exc}"[:1000])
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="acme-registry-bench-"))
+    try:
+        if "startup" in parts:
+            _log(f"startup: {args.rounds} rounds of ours / Caddy / certbot")
+            attempt("startup", lambda: startup.run(workdir, args.rounds, _log))
+        if "data" in parts or "renewal" in parts:
+            _log(f"data path: {args.blob_mb} MB blob, every path up on one storage")
+            with datapath.Fleet(workdir / "fleet", args.blob_mb * 1024 * 1024) as fleet:
+                time.sleep(2)  # let start-up work settle before the idle sample
+                attempt("memory_idle", lambda: datapath.idle_memory(fleet))
+                if "data" in parts:
+                    attempt(
+                        "data",
+                        lambda: datapath.run(
+                            fleet, args.data_rounds, args.skopeo_rounds, args.skopeo_mb, _log
+                        ),
+                    )
+                if "renewal" in parts:
+                    _log("renewal under load")
+                    attempt(
+                        "renewal",
+                        lambda: renewals.run(
+                            fleet,
+                            baseline_seconds=args.baseline_seconds,
+                            ours_count=args.renewals,
+                            ours_interval=args.renew_interval,
+                            caddy_count=args.caddy_renewals,
+                            caddy_validity=args.caddy_validity,
+                            log=_log,
+                        ),
+                    )
+                    time.sleep(2)
+                    attempt("memory_after", lambda: datapath.idle_memory(fleet))
+    except Exception as exc:  # setting up the shared paths failed: report what there is
+        _log(f"setup: FAILED\n{traceback.format_exc()}")
+        results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])
+    finally:
+        if args.keep:
+            _log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["seconds"] = time.monotonic() - started
+    results["load_after"] = os.getloadavg()[0]
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        command = " ".join([".venv/bin/python -m bench", *map(shlex.quote, raw)])
+        results = measure(args, command)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    written = report.write(results, args.out, args.charts)
+    for path in written:
+        _log(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    if results.get("errors"):
+        _log("parts failed: " + "; ".join(results["errors"]))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
