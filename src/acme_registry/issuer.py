@@ -108,6 +108,8 @@ class Issuer:
         self.account = account
         self.challenges = challenges
         self.net: Network | None = None
+        # (step, seconds) of every request, for the agent's ACME latency metric.
+        self.timings: list[tuple[str, float]] = []
 
     def obtain(self, replaces: str | None = None) -> CertificatePair:
         """Place one order for every configured name and return the issued pair.
@@ -338,9 +340,13 @@ class Issuer:
     def _retry(self, step: str, action: Callable[[], T]) -> T:
         bad_nonces = transient = 0
         while True:
+            started = time.monotonic()
             try:
-                return action()
+                result = action()
+                self.timings.append((step, time.monotonic() - started))
+                return result
             except messages.Error as error:
+                self.timings.append((step, time.monotonic() - started))
                 if error.code == "badNonce" and bad_nonces < BAD_NONCE_RETRIES:
                     bad_nonces += 1
                     continue
@@ -431,6 +437,7 @@ def obtain_and_store(
         replaces = None
     storage = FileStorage(settings.data_dir)
     started = time.monotonic()
+    issuer: Issuer | None = None
     try:
         with storage.lock("issuance"):
             issuer = Issuer(
@@ -455,6 +462,7 @@ def obtain_and_store(
             "error": str(error),
             "retry_after": retry_after,
             "seconds": time.monotonic() - started,
+            "timings": issuer.timings if issuer else [],
         }
     except OSError as error:
         message = f"cannot store the certificate: {error.strerror}: {error.filename}"
@@ -467,4 +475,5 @@ def obtain_and_store(
         "not_after": pair.not_after.isoformat(),
         "dry_run": dry_run,
         "seconds": time.monotonic() - started,
+        "timings": issuer.timings,
     }

@@ -198,3 +198,73 @@ def test_full_cert_dir_during_renewal(tmp_path, pebble_factory, registry_binary)
             agent.stop()
     finally:
         subprocess.run(["umount", str(cert_dir)], check=True)
+
+
+class DirectoryFront:
+    """An HTTPS front for Pebble's directory that can be told to answer 500.
+
+    Clients fetch the directory here, then follow its URLs to Pebble itself: a failing
+    front is a CA whose first request answers 500.
+    """
+
+    def __init__(self, pebble, workdir: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        front = self
+        self.failing = False
+        self.upstream = pebble.directory_url
+        self.upstream_ca = str(pebble.ca_bundle)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if front.failing:
+                    body = b'{"type": "urn:ietf:params:acme:error:serverInternal", "status": 500}'
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/problem+json")
+                else:
+                    upstream = requests.get(front.upstream, verify=front.upstream_ca, timeout=5)
+                    body = upstream.content
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        # Pebble's listener certificate is for 127.0.0.1 too: reuse it, so one bundle
+        # (Pebble's CA) is trusted for both.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls = Path(pebble.ca_bundle).parent
+        context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/dir"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_ca_answering_500_keeps_the_old_certificate_serving(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    front = DirectoryFront(pebble, tmp_path)
+    agent = start_agent(tmp_path, pebble, registry_binary, ACME_DIRECTORY=front.url)
+    try:
+        leaf = served(agent, pebble)
+        front.failing = True
+        result = agent.cli("renew", timeout=120)
+        assert result.returncode == 1
+        assert "500" in result.stderr or "serverInternal" in result.stderr, result.stderr
+        again = wait_for_tls("127.0.0.1", agent.registry_port, NAME, pebble.root_pem(), 10)
+        assert fingerprint(again) == fingerprint(leaf)
+        assert requests.get(f"{agent.admin_url}/readyz", timeout=5).status_code == 200
+        assert metric(agent, "acme_registry_renewal_failures_total", 'reason="ca_error"') >= 1
+    finally:
+        agent.stop()
+        front.stop()

@@ -126,6 +126,13 @@ def test_admin_endpoint_health_readiness_and_metrics(tmp_path, pebble_factory, r
         key = ("acme_registry_certificate_not_after_timestamp_seconds", NAME)
         assert samples[key] == leaf.not_valid_after_utc.timestamp()
         assert samples[("acme_registry_renewal_attempts_total", None)] == 1
+        latency = {
+            s.labels.get("step"): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "acme_registry_acme_request_duration_seconds_count"
+        }
+        assert latency.get("new_order", 0) >= 1 and latency.get("finalize", 0) >= 1
         assert samples[("acme_registry_registry_generation_starts_total", None)] >= 1
     finally:
         agent.stop()
