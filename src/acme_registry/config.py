@@ -121,8 +121,6 @@ class Settings:
     auth_users: Mapping[str, Credential] = field(default_factory=dict, repr=False)
     admin_addr: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 9180))
     registry_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    # TLS files an operator pointed the registry at; accepted only when they are ours.
-    registry_tls_files: tuple[Path, ...] = ()
     # Bring-your-own certificate: with ACME off, the agent serves and watches these.
     acme_enabled: bool = True
     tls_cert_file: Path | None = None
@@ -135,10 +133,6 @@ class Settings:
     def directory_id(self) -> str:
         """A short stable name for the directory, for per-CA state on disk."""
         return hashlib.sha256(self.directory.encode()).hexdigest()[:16]
-
-    @property
-    def has_eab(self) -> bool:
-        return self.eab_kid is not None
 
     @property
     def run_dir(self) -> Path:
@@ -176,7 +170,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     tls_key_file = _tls_file(env, "TLS_KEY_FILE", cert_dir / "domain.key", acme_enabled)
     auth_mode = _choice(env, "AUTH_MODE", AUTH_MODES, "htpasswd")
     auth_users = _auth_users(env, auth_mode)
-    registry_env, tls_files = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
+    registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
     registry_addr = _listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443"))
     http_port = _port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80"))
     admin_addr = _listen_address("ADMIN_ADDR", env.get("ADMIN_ADDR", "127.0.0.1:9180"))
@@ -210,7 +204,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         auth_users=auth_users,
         admin_addr=admin_addr,
         registry_env=registry_env,
-        registry_tls_files=tls_files,
         acme_enabled=acme_enabled,
         tls_cert_file=tls_cert_file,
         tls_key_file=tls_key_file,
@@ -442,12 +435,9 @@ def _auth_users(env: Mapping[str, str], mode: str) -> dict[str, Credential]:
         raise ConfigError(error.source, error.problem) from None
 
 
-def _registry_env(
-    env: Mapping[str, str], cert_dir: Path, owns_auth: bool
-) -> tuple[dict[str, str], tuple[Path, ...]]:
+def _registry_env(env: Mapping[str, str], cert_dir: Path, owns_auth: bool) -> dict[str, str]:
     """Split out the REGISTRY_* variables that reach the registry untouched."""
     passed: dict[str, str] = {}
-    tls_files: list[Path] = []
     ours = {cert_dir / "domain.crt", cert_dir / "domain.key", cert_dir / "live" / "tls.pem"}
     for name, value in env.items():
         upper = name.upper()
@@ -455,7 +445,6 @@ def _registry_env(
             continue
         if upper in ("REGISTRY_HTTP_TLS_CERTIFICATE", "REGISTRY_HTTP_TLS_KEY"):
             if Path(value.strip()) in ours:
-                tls_files.append(Path(value.strip()))
                 passed[name] = value
                 continue
             raise ConfigError(
@@ -472,4 +461,4 @@ def _registry_env(
             setting = upper.removeprefix("REGISTRY_").lower().replace("_", ".")
             raise ConfigError(name, f"the agent owns {setting}; unset this variable")
         passed[name] = value
-    return passed, tuple(sorted(tls_files))
+    return passed

@@ -5,7 +5,6 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -19,15 +18,6 @@ def generate_key(key_type: str) -> PrivateKey:
     if key_type in _RSA_BITS:
         return rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS[key_type])
     raise ValueError(f"unknown key type {key_type!r}")
-
-
-def key_type_of(key: PrivateKeyTypes) -> str | None:
-    """The ACME_KEY_TYPE name of a key, or None for a kind we never generate."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": "ec256", "secp384r1": "ec384"}.get(key.curve.name)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return f"rsa{key.key_size}" if f"rsa{key.key_size}" in _RSA_BITS else None
-    return None
 
 
 def key_to_pem(key: PrivateKey) -> bytes:

@@ -9,7 +9,8 @@ from acme_registry.config import KEY_TYPES
 @pytest.mark.parametrize("key_type", KEY_TYPES)
 def test_generated_key_has_its_type_and_round_trips(key_type):
     key = keys.generate_key(key_type)
-    assert keys.key_type_of(key) == key_type
+    size = key.curve.key_size if key_type.startswith("ec") else key.key_size
+    assert str(size) == key_type.removeprefix("ec").removeprefix("rsa")
     loaded = keys.load_key(keys.key_to_pem(key))
     assert loaded.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
