@@ -30,9 +30,9 @@ from typing import IO
 
 from bench import procstat
 from tests.support.agent import AgentProcess
-from tests.support.load import TestCA
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port
+from tests.support.tls import TestCA
 
 NAME = "registry.test"
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")

@@ -3,63 +3,24 @@ the files are replaced, refuse a pair that does not match."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import time
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.support.agent import AgentProcess
 from tests.support.clients import wait_for_tls
 from tests.support.ports import free_port
+from tests.support.tls import TestCA
 
 NAME = "registry.test"
 
 
-class TinyCA:
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "own test CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self) -> tuple[bytes, bytes, int]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        serial = x509.random_serial_number()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return chain, key_pem, serial
+def issue(ca: TestCA) -> tuple[bytes, bytes, int]:
+    """(full chain, key, serial) of a new certificate for NAME."""
+    leaf_pem, key_pem = ca.issue_pair([NAME], [])
+    return leaf_pem + ca.pem, key_pem, x509.load_pem_x509_certificate(leaf_pem).serial_number
 
 
 def certbot_tree(root: Path, version: int, chain: bytes, key: bytes) -> None:
@@ -77,9 +38,9 @@ def certbot_tree(root: Path, version: int, chain: bytes, key: bytes) -> None:
 
 
 def test_certbot_tree_is_served_and_followed(tmp_path, registry_binary):
-    ca = TinyCA()
+    ca = TestCA()
     letsencrypt = tmp_path / "letsencrypt"
-    chain, key, serial = ca.issue()
+    chain, key, serial = issue(ca)
     certbot_tree(letsencrypt, 1, chain, key)
     env = AgentProcess.environment(
         tmp_path / "agent",
@@ -101,7 +62,7 @@ def test_certbot_tree_is_served_and_followed(tmp_path, registry_binary):
         agent.wait_ready()
 
         # certbot renews: a new archive version and the live links switched.
-        chain2, key2, serial2 = ca.issue()
+        chain2, key2, serial2 = issue(ca)
         certbot_tree(letsencrypt, 2, chain2, key2)
         served = wait_for_tls(
             "127.0.0.1", port, NAME, ca.pem, timeout=20, accept=lambda c: c.serial_number == serial2
@@ -109,7 +70,7 @@ def test_certbot_tree_is_served_and_followed(tmp_path, registry_binary):
         agent.wait_ready()
 
         # A key that does not match the certificate is refused; the last pair keeps serving.
-        _, other_key, _ = ca.issue()
+        _, other_key, _ = issue(ca)
         (letsencrypt / "archive" / NAME / "privkey2.pem").write_bytes(other_key)
         deadline = time.monotonic() + 15
         while "does not match" not in agent.log():

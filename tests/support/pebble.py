@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
-import ipaddress
 import json
 import os
 import re
@@ -20,11 +19,9 @@ from typing import IO, Any
 
 import requests
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.ports import free_port, free_tcp_udp_port
+from tests.support.tls import TestCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where scripts/install-pebble-sid.sh unpacks Pebble 2.10 from Debian sid (bookworm's 2.4.0
@@ -123,78 +120,12 @@ def _write_tls_material(tls_dir: Path) -> tuple[Path, Path, Path]:
     trust this Pebble through the bundle the test hands it.
     """
     tls_dir.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    # Backdated so small clock differences between processes never make it "not yet valid".
-    not_before = now - datetime.timedelta(hours=1)
-    not_after = now + datetime.timedelta(days=2)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme-registry test Pebble CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    ca_path = tls_dir / "ca.pem"
-    cert_path = tls_dir / "cert.pem"
-    key_path = tls_dir / "key.pem"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    ca = TestCA("acme-registry test Pebble CA")
+    leaf_pem, key_pem = ca.issue_pair(["localhost"], ["127.0.0.1"])
+    ca_path, cert_path, key_path = tls_dir / "ca.pem", tls_dir / "cert.pem", tls_dir / "key.pem"
+    ca_path.write_bytes(ca.pem)
+    cert_path.write_bytes(leaf_pem)
+    key_path.write_bytes(key_pem)
     key_path.chmod(0o600)
     return ca_path, cert_path, key_path
 
