@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 # Authentication is on by default; tests log in as this user.
@@ -40,6 +40,8 @@ class AgentProcess:
         registry_binary: Path,
         **extra: str,
     ) -> dict[str, str]:
+        # Distinct ports: the configuration refuses an admin port equal to another one.
+        registry_port, admin_port = free_ports(2, exclude=(http_port,))
         env = {
             "PATH": os.environ["PATH"],
             "HOME": str(workdir),
@@ -50,11 +52,11 @@ class AgentProcess:
             "ACME_HTTP_PORT": str(http_port),
             "CERT_DIR": str(workdir / "certs"),
             "DATA_DIR": str(workdir / "data"),
-            "REGISTRY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+            "REGISTRY_HTTP_ADDR": f"127.0.0.1:{registry_port}",
             "REGISTRY_BINARY": str(registry_binary),
             "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(workdir / "storage"),
             "REGISTRY_HTTP_DRAINTIMEOUT": "5s",
-            "ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "ADMIN_ADDR": f"127.0.0.1:{admin_port}",
             "AUTH_USERS": CREDS,
         }
         env.update(extra)

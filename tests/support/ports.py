@@ -17,6 +17,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1", exclude: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct free ports, none in ``exclude``.
+
+    Each socket stays bound until all are chosen: calling free_port() twice can return the
+    same port, since the kernel may hand a just-released port out again.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            if sock.getsockname()[1] in exclude:
+                sock.close()
+                continue
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
     """Return a port free for both TCP and UDP: DNS servers listen on both."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
