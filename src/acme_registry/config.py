@@ -13,6 +13,7 @@ import datetime as dt
 import difflib
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .auth import Credential, UsersFormatError, load_env_users
+
+log = logging.getLogger(__name__)
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -155,7 +158,7 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Validate the environment into :class:`Settings`, or raise :class:`ConfigError`."""
-    env = dict(os.environ if environ is None else environ)
+    env = _without_service_links(os.environ if environ is None else environ)
     _reject_unknown_acme_variables(env)
 
     domains = _domains(env.get("ACME_DOMAINS", ""))
@@ -211,6 +214,49 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
     )
+
+
+# Kubernetes injects these for every Service in the namespace (a Service "acme" gives
+# ACME_SERVICE_HOST, ACME_PORT=tcp://10.0.0.7:80, ...). They are matched by name *and* value,
+# so that a typo such as ACME_PORT=80 is still refused as an unknown setting.
+_LINK_ADDRESS = r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[?[0-9A-Fa-f:.]+\]?)"
+_LINK_NUMBER = r"\d{1,5}"
+_LINK_PROTO = r"(?:tcp|udp|sctp)"
+_LINK_URL = rf"{_LINK_PROTO}://{_LINK_ADDRESS}:{_LINK_NUMBER}"
+_SERVICE_LINK_SHAPES = tuple(
+    (re.compile(name), re.compile(value))
+    for name, value in (
+        (r"[A-Z0-9_]+_SERVICE_HOST", _LINK_ADDRESS),
+        (r"[A-Z0-9_]+_SERVICE_PORT(?:_[A-Z0-9_]+)?", _LINK_NUMBER),
+        (r"[A-Z0-9_]+_PORT", _LINK_URL),
+        (r"[A-Z0-9_]+_PORT_\d{1,5}_(?:TCP|UDP|SCTP)", _LINK_URL),
+        (r"[A-Z0-9_]+_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PROTO", _LINK_PROTO),
+        (r"[A-Z0-9_]+_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_PORT", _LINK_NUMBER),
+        (r"[A-Z0-9_]+_PORT_\d{1,5}_(?:TCP|UDP|SCTP)_ADDR", _LINK_ADDRESS),
+    )
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` has the shape of a variable Kubernetes injects for a Service."""
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINK_SHAPES)
+
+
+def _without_service_links(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less Kubernetes' Service variables, including one that shadows ours.
+
+    A Service named ``acme-http`` injects ``ACME_HTTP_PORT=tcp://10.0.0.7:80``: that value is
+    never a port number an operator wrote, so it is dropped rather than refused, and the
+    setting keeps its default.
+    """
+    kept = {}
+    for name, value in env.items():
+        if is_service_link(name, value):
+            if name in KNOWN_VARIABLES:
+                log.warning("%s=%s looks like a Kubernetes Service link; ignored", name, value)
+            continue
+        kept[name] = value
+    return kept
 
 
 def _reject_unknown_acme_variables(env: Mapping[str, str]) -> None:

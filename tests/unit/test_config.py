@@ -50,3 +50,50 @@ def test_eab_key_from_file(tmp_path):
     assert s.eab_kid == "kid-1"
     assert s.eab_hmac_key and s.eab_hmac_key.startswith("zWND")
     assert "zWND" not in repr(s)
+
+
+# What Kubernetes injects for Services named "acme", "auth", "acme-http" and "registry-http".
+SERVICE_LINKS = {
+    "ACME_SERVICE_HOST": "10.96.0.12",
+    "ACME_SERVICE_PORT": "80",
+    "ACME_SERVICE_PORT_HTTP": "80",
+    "ACME_PORT": "tcp://10.96.0.12:80",
+    "ACME_PORT_80_TCP": "tcp://10.96.0.12:80",
+    "ACME_PORT_80_TCP_PROTO": "tcp",
+    "ACME_PORT_80_TCP_PORT": "80",
+    "ACME_PORT_80_TCP_ADDR": "10.96.0.12",
+    "AUTH_SERVICE_HOST": "fd00::1:2",
+    "AUTH_PORT": "tcp://[fd00::1:2]:5001",
+    "AUTH_PORT_5001_UDP_ADDR": "fd00::1:2",
+    "ACME_HTTP_SERVICE_HOST": "10.96.0.13",
+    "ACME_HTTP_PORT": "tcp://10.96.0.13:8080",
+    "REGISTRY_HTTP_PORT": "tcp://10.96.0.14:443",
+    "REGISTRY_HTTP_SERVICE_HOST": "10.96.0.14",
+}
+
+
+def test_kubernetes_service_links_are_ignored():
+    s = load_settings({**BASE, **SERVICE_LINKS})
+    assert s.http_port == 80  # ACME_HTTP_PORT=tcp://... is a Service link, not a port
+    assert not any(name.startswith("REGISTRY_HTTP") for name in s.registry_env)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ACME_PORT", "80"),  # a typo for ACME_HTTP_PORT, not a Service link
+        ("ACME_SERVICE_HOST", "registry.example.com"),
+        ("ACME_PORT_80_TCP_PROTO", "http"),
+        ("AUTH_SERVICE_PORTS", "80"),
+    ],
+)
+def test_lookalikes_of_service_links_are_still_refused(name, value):
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, name: value})
+    assert error.value.variable == name
+
+
+def test_a_port_that_is_not_a_link_is_still_checked():
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, "ACME_HTTP_PORT": "tcp://x"})
+    assert error.value.variable == "ACME_HTTP_PORT"
