@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import subprocess
@@ -13,55 +12,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.support.agent import CREDS, AgentProcess
-from tests.support.clients import Skopeo, wait_for_tls
-from tests.support.pebble import Pebble
+from tests.support.agent import (
+    CREDS,
+    NAME,
+    AgentProcess,
+    fingerprint,
+    served,
+    start_agent,
+)
+from tests.support.clients import Skopeo
 from tests.support.ports import free_port
 from tests.support.proxy import DelayingProxy
-
-NAME = "registry.test"
-
-
-def start_agent(
-    tmp_path: Path, pebble: Pebble, registry_binary: Path, **extra: str
-) -> AgentProcess:
-    env = AgentProcess.environment(
-        tmp_path / "agent",
-        domains=extra.pop("ACME_DOMAINS", NAME),
-        directory=pebble.directory_url,
-        ca_bundle=pebble.ca_bundle,
-        http_port=pebble.http_port,
-        registry_binary=registry_binary,
-        **extra,
-    )
-    return AgentProcess(tmp_path / "agent", env).start()
-
-
-def served(agent: AgentProcess, pebble: Pebble, name: str = NAME, timeout: float = 30):
-    """The leaf the registry serves, verified against this Pebble's root only."""
-    return wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), timeout)
-
-
-def served_instead_of(agent: AgentProcess, pebble: Pebble, old, timeout: float = 10):
-    """The leaf served once the registry no longer serves ``old``."""
-    return wait_for_tls(
-        "127.0.0.1",
-        agent.registry_port,
-        NAME,
-        pebble.root_pem(),
-        timeout,
-        accept=lambda cert: fingerprint(cert) != fingerprint(old),
-    )
-
-
-def status(agent: AgentProcess) -> dict:
-    result = agent.cli("status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def fingerprint(cert) -> str:
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
 def test_issues_serves_and_round_trips_an_image(

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import requests
 
-from tests.integration.test_agent import NAME, fingerprint, served, start_agent
-from tests.support.agent import CREDS
+from tests.support.agent import CREDS, NAME, fingerprint, served, start_agent
 from tests.support.clients import Skopeo, wait_for_tls
 from tests.support.ports import free_port
 

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.test_agent import (
+from tests.support.agent import (
+    CREDS,
     NAME,
     fingerprint,
     served,
@@ -19,7 +20,6 @@ from tests.integration.test_agent import (
     start_agent,
     status,
 )
-from tests.support.agent import CREDS
 from tests.support.clients import registry_session
 from tests.support.ports import free_port
 

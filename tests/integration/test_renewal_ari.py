@@ -10,7 +10,7 @@ import time
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.integration.test_agent import (
+from tests.support.agent import (
     NAME,
     served,
     served_instead_of,

@@ -3,8 +3,7 @@ in a loop, `acme-registry renew` rotates the registry at least 10 times."""
 
 from __future__ import annotations
 
-from tests.integration.test_agent import NAME, fingerprint, served, start_agent
-from tests.support.agent import CREDS
+from tests.support.agent import CREDS, NAME, fingerprint, served, start_agent
 from tests.support.clients import Skopeo, wait_for_tls
 from tests.support.load import LoadClient, image_digests
 from tests.support.oci import make_oci_image

@@ -10,8 +10,7 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_agent import NAME, served, start_agent
-from tests.support.agent import CREDS, PASSWORD
+from tests.support.agent import CREDS, NAME, PASSWORD, served, start_agent
 from tests.support.clients import registry_session
 from tests.support.ports import free_port
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.support.clients import wait_for_tls
+from tests.support.pebble import Pebble
 from tests.support.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,3 +152,53 @@ class AgentProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# A running agent against a Pebble, and what tests ask of it.
+NAME = "registry.test"
+
+
+def start_agent(
+    tmp_path: Path, pebble: Pebble, registry_binary: Path, **extra: str
+) -> AgentProcess:
+    env = AgentProcess.environment(
+        tmp_path / "agent",
+        domains=extra.pop("ACME_DOMAINS", NAME),
+        directory=pebble.directory_url,
+        ca_bundle=pebble.ca_bundle,
+        http_port=pebble.http_port,
+        registry_binary=registry_binary,
+        **extra,
+    )
+    return AgentProcess(tmp_path / "agent", env).start()
+
+
+def served(
+    agent: AgentProcess, pebble: Pebble, name: str = NAME, timeout: float = 30
+) -> x509.Certificate:
+    """The leaf the registry serves, verified against this Pebble's root only."""
+    return wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), timeout)
+
+
+def served_instead_of(
+    agent: AgentProcess, pebble: Pebble, old: x509.Certificate, timeout: float = 10
+) -> x509.Certificate:
+    """The leaf served once the registry no longer serves ``old``."""
+    return wait_for_tls(
+        "127.0.0.1",
+        agent.registry_port,
+        NAME,
+        pebble.root_pem(),
+        timeout,
+        accept=lambda cert: fingerprint(cert) != fingerprint(old),
+    )
+
+
+def status(agent: AgentProcess) -> dict[str, Any]:
+    result = agent.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
