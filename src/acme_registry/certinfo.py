@@ -226,9 +226,9 @@ def _time(tag: int, value: bytes) -> dt.datetime:
     elif tag != _GENERALIZED_TIME or not re.fullmatch(r"\d{14}Z", text):
         raise ValueError(f"malformed certificate: unsupported time {text!r}")
     # Slices rather than strptime, which would load _strptime and its locale tables.
-    fields = (int(text[:4]), *(int(text[i : i + 2]) for i in range(4, 14, 2)))
+    month, day, hour, minute, second = (int(text[i : i + 2]) for i in range(4, 14, 2))
     try:
-        return dt.datetime(*fields, tzinfo=dt.UTC)
+        return dt.datetime(int(text[:4]), month, day, hour, minute, second, tzinfo=dt.UTC)
     except ValueError:
         raise ValueError(f"malformed certificate: bad time {text!r}") from None
 
