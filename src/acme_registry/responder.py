@@ -60,10 +60,12 @@ _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 64 * 1024
 _DROP_WARNING_INTERVAL = 10.0
 _STOP_SECONDS = 5.0
-# The connection cap exists only so that a flood can never use up the process's open files
-# (the agent also needs them for storage, supervisord's pipes, the control and admin sockets):
-# it leaves a quarter of the limit, at most 1024 files, to the rest. A fixed ceiling bounds
-# memory too (about 4 KiB a connection), whatever the operator's hard limit is.
+# The connection cap is no longer what protects port 80 (the deadline and cheap connections
+# are); it stays so that a flood can never use up the process's open files, which the agent
+# also needs for storage, supervisord's pipes and the control and admin sockets: it leaves a
+# quarter of the limit, at most 1024 files, to the rest. The fixed ceiling bounds memory
+# (about 6.5 KiB a connection: some 420 MiB at the ceiling) whatever the hard limit is, since
+# many containers get a hard limit of 2**20.
 _RESERVED_FILES = 1024
 _MAX_CONNECTIONS_CEILING = 65536
 
@@ -212,7 +214,7 @@ class ChallengeResponder:
         except BaseException as exc:  # anything before serving began is start()'s error
             if not run.started.done():
                 run.started.set_exception(exc)
-            elif not isinstance(exc, RuntimeError):
+            else:
                 log.exception("HTTP-01 responder: the event loop failed")
         finally:
             run.loop.close()
@@ -232,9 +234,12 @@ class ChallengeResponder:
             await run.stopping.wait()
         finally:
             server.close()
-            for task in list(run.connections):
-                task.cancel()
-            await asyncio.gather(*run.connections, return_exceptions=True)
+            # Connections accepted just before the close may start while the others end.
+            while run.connections:
+                for task in list(run.connections):
+                    task.cancel()
+                await asyncio.gather(*run.connections, return_exceptions=True)
+                await asyncio.sleep(0)
             # Aborted transports close their sockets in callbacks of the next iterations.
             for _ in range(3):
                 await asyncio.sleep(0)
@@ -284,9 +289,20 @@ class ChallengeResponder:
     ) -> bool:
         """Read one head and answer it; False when the connection should be cut, not closed."""
         parser = HeadParser()
+        request: Request | None = None
         try:
+            # Read here rather than in a helper coroutine: an idle connection is this frame,
+            # and every connection held open costs one more frame per level of calls.
             async with asyncio.timeout(self._read_timeout):
-                request = await _read_head(reader, parser)
+                while request is None:
+                    try:
+                        data = await reader.read(_RECV_SIZE)
+                    except OSError:
+                        return True  # reset: there is nobody left to answer
+                    if not data:
+                        parser.end_of_input()
+                        return True  # closed before sending anything
+                    request = parser.feed(data)
         except TimeoutError:
             log.debug("HTTP-01 responder: %s timed out sending a request head", peer)
             if parser.received:
@@ -298,9 +314,6 @@ class ChallengeResponder:
                 return False
             await _linger(reader, writer)
             return True
-        if request is None:
-            return True  # the peer went away; there is nobody left to answer
-
         if not await self._send(writer, self._answer(request, peer)):
             return False
         if request.body_announced or parser.leftover:
@@ -359,21 +372,6 @@ class ChallengeResponder:
         except (OSError, TimeoutError):
             return False
         return True
-
-
-async def _read_head(reader: asyncio.StreamReader, parser: HeadParser) -> Request | None:
-    """The request head, or None when the peer closed or reset before sending anything."""
-    while True:
-        try:
-            data = await reader.read(_RECV_SIZE)
-        except OSError:
-            return None
-        if not data:
-            parser.end_of_input()
-            return None
-        request = parser.feed(data)
-        if request is not None:
-            return request
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
