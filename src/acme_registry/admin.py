@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import logging
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
@@ -45,6 +43,8 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .listen import bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class AdminServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        listener = _bind(self.host, self.requested_port)
+        listener = bind_tcp(self.host, self.requested_port)
         try:
             server = _Server(listener.getsockname()[:2], _Handler, bind_and_activate=False)
         except BaseException:
@@ -379,20 +379,3 @@ class AdminServer:
         server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    if host:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        return socket.create_server(address, family=family, backlog=64)
-    if socket.has_dualstack_ipv6():
-        try:
-            return socket.create_server(
-                ("::", port), family=socket.AF_INET6, backlog=64, dualstack_ipv6=True
-            )
-        except OSError as exc:
-            # Only "this machine has no IPv6" falls back; "port in use" must stay an error.
-            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                raise
-    return socket.create_server(("0.0.0.0", port), backlog=64)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Settings
+from .listen import raise_open_file_limit
 from .storage import ensure_private_dir
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def check_bindable(variable: str, host: str, port: int) -> str | None:
 
 
 def launch(settings: Settings) -> int:
+    raise_open_file_limit()
     checks = [check_writable("DATA_DIR", settings.data_dir)]
     checks.append(check_writable("CERT_DIR", settings.cert_dir))
     storage = settings.registry_env.get("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
