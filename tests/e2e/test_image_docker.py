@@ -8,6 +8,7 @@ Followed as literally as these machines allow, with Pebble standing in for Let's
 - ``docker run -d --name registry --restart always --stop-timeout 45`` with the three named
   volumes, and ``docker exec registry cat /data/auth/initial-admin-password`` for the
   generated admin's password, then ``docker login``, ``docker push`` and ``docker pull``;
+  ``docker stop -t 45`` and ``docker start``; the upgrade (stop, ``docker rm``, run again);
 - ``--network host`` instead of ``-p 80:80 -p 443:443``: **the port mapping itself is not
   exercised.** The engine runs without a bridge (``--bridge=none``: no iptables here), so
   ``-p`` would do nothing, and on the host network the image's user (uid 10001) cannot bind
@@ -162,7 +163,7 @@ def test_quick_start_with_docker(
     payload = os.urandom(4096)
     docker("import", str(one_file_tarball(tmp_path / "rootfs.tar", payload)), ref)
     refused = docker("push", ref, check=False)
-    assert refused.returncode != 0, "pushed without credentials"
+    assert "no basic auth credentials" in refused.stderr, refused.stdout + refused.stderr
     login = docker("login", registry, "-u", "admin", "--password-stdin", input=password.strip())
     assert "Login Succeeded" in login.stdout, login.stdout + login.stderr
 
@@ -198,5 +199,15 @@ def test_quick_start_with_docker(
     assert pulled_payload(docker_engine, ref, tmp_path / "pulled-again") == payload
     assert pebble.orders_created() == 1
 
+    # The README's upgrade: stop, remove, run again on the same named volumes.
+    docker("stop", "-t", str(GRACE_SECONDS), CONTAINER, timeout=GRACE_SECONDS + 60)
+    assert docker_engine.inspect(CONTAINER, "{{.State.ExitCode}}") == "0"
+    docker("rm", CONTAINER)
+    docker(*quick_start_run_args(docker_image, pebble, registry_port, admin_port))
+    upgraded = served(registry_port, pebble)
+    wait_ready(docker_engine)
+    assert fingerprint(upgraded) == fingerprint(first)
+    assert pulled_payload(docker_engine, ref, tmp_path / "pulled-upgraded") == payload
+    assert pebble.orders_created() == 1
     docker("stop", "-t", str(GRACE_SECONDS), CONTAINER, timeout=GRACE_SECONDS + 60)
     assert docker_engine.inspect(CONTAINER, "{{.State.ExitCode}}") == "0"
