@@ -3,15 +3,23 @@
 Debian's ``docker.io`` runs on these machines with host networking only (no bridge, no
 iptables) and the vfs storage driver. Everything the daemon keeps lives under one temporary
 folder: its data and exec roots, its socket, and the client's config (``docker login``
-credentials). It runs in a private mount namespace (``unshare -m``) in which two bind
-mounts, invisible to the rest of the machine, give it
+credentials). It runs in a private mount namespace (``unshare -m``) in which bind mounts,
+invisible to the rest of the machine, give it
 
 - an ``/etc/hosts`` mapping the registry's test names to loopback: the daemon, not the CLI,
   resolves and connects for ``docker login``, ``push`` and ``pull``;
 - an ``/etc/docker`` of its own, whose ``certs.d/<name>:<port>/ca.crt`` says which root to
   trust for a registry. The whole folder rather than ``certs.d`` alone, because dockerd 20.10
   also writes ``/etc/docker/key.json`` at start and reads ``daemon.json`` from there: neither
-  the machine's settings nor our leftovers cross over.
+  the machine's settings nor our leftovers cross over;
+- a ``/run/docker`` and a ``/run/containerd`` of its own, which dockerd and containerd's
+  shims use whatever ``--exec-root`` says: so a system containerd (where ``make test``
+  installed docker.io under systemd) is not picked up, and their sockets stay in the temp folder.
+
+Nothing is created in ``/etc``: the docker.io package ships ``/etc/docker`` (its absence means
+a broken install, an error here). ``/run/docker`` and ``/run/containerd`` are created empty
+when missing and left so (a tmpfs, as the package's own daemon would leave them): removing a
+folder that another session's engine has mounted over would detach that mount from under it.
 
 The daemon reads ``certs.d`` again for every login, push and pull, so one engine serves a
 whole session and a test adds the root of its own Pebble with :meth:`DockerEngine.trust`
@@ -20,7 +28,6 @@ once that Pebble runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
@@ -40,8 +47,14 @@ DOCKER = "/usr/bin/docker"
 DOCKERD = "/usr/sbin/dockerd"
 PACKAGE = "docker.io"
 ETC_DOCKER = Path("/etc/docker")
-# dockerd creates this for plugin sockets whatever its --exec-root says.
-RUN_DOCKER_PLUGINS = Path("/run/docker/plugins")
+# Machine folders shadowed by one of the engine's own (its name under the workdir).
+SHADOWED = {
+    ETC_DOCKER: "etc-docker",
+    # dockerd's plugin sockets.
+    Path("/run/docker"): "run-docker",
+    # A system containerd's socket (dockerd would use it) and containerd-shim sockets.
+    Path("/run/containerd"): "run-containerd",
+}
 
 START_TIMEOUT = 60.0
 # Longer than dockerd's own --shutdown-timeout (15 s) for containers still running.
@@ -65,30 +78,30 @@ class DockerEngine:
         self.exec_root = self.workdir / "exec"
         self.pid_file = self.workdir / "dockerd.pid"
         self.socket = self.workdir / "docker.sock"
-        self.etc_docker = self.workdir / "etc-docker"
-        self.certs_d = self.etc_docker / "certs.d"
+        self.shadows = {path: self.workdir / name for path, name in SHADOWED.items()}
+        self.certs_d = self.shadows[ETC_DOCKER] / "certs.d"
         self.client_config = self.workdir / "client"
         self.hosts_file = self.workdir / "hosts"
         self.log_path = self.workdir / "dockerd.log"
         self.pid = 0
         self._process: subprocess.Popen[bytes] | None = None
-        self._created: list[Path] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> DockerEngine:
         missing = [tool for tool in (DOCKERD, DOCKER) if not os.access(tool, os.X_OK)]
+        if not ETC_DOCKER.is_dir():
+            missing.append(str(ETC_DOCKER))
         if missing:
             raise RuntimeError(f"{', '.join(missing)} missing: apt-get install {PACKAGE}")
         if self._process is not None:
             raise RuntimeError("dockerd already started")
-        for folder in (self.data_root, self.exec_root, self.certs_d, self.client_config):
+        own = (self.data_root, self.exec_root, self.certs_d, self.client_config)
+        for folder in (*own, *self.shadows.values()):
             folder.mkdir(parents=True, exist_ok=True)
         write_hosts_file(self.hosts_file, self.names)
-        self._make_mount_point(ETC_DOCKER)
-        for folder in (RUN_DOCKER_PLUGINS.parent, RUN_DOCKER_PLUGINS):
-            if not folder.exists():
-                self._created.append(folder)
+        for mount_point in self.shadows:
+            mount_point.mkdir(exist_ok=True)
         dockerd = [
             DOCKERD,
             "--data-root",
@@ -105,11 +118,11 @@ class DockerEngine:
             "--ip6tables=false",
             "--bridge=none",
         ]
-        script = (
-            f"mount --bind {shlex.quote(str(self.hosts_file))} /etc/hosts"
-            f" && mount --bind {shlex.quote(str(self.etc_docker))} {ETC_DOCKER}"
-            f" && exec {shlex.join(dockerd)}"
-        )
+        binds = {Path("/etc/hosts"): self.hosts_file, **self.shadows}
+        mounts = [
+            f"mount --bind {shlex.quote(str(o))} {shlex.quote(str(p))}" for p, o in binds.items()
+        ]
+        script = " && ".join([*mounts, f"exec {shlex.join(dockerd)}"])
         log = self.log_path.open("ab")
         try:
             # unshare execs sh, which execs dockerd: the child's pid is dockerd's.
@@ -130,17 +143,6 @@ class DockerEngine:
             raise
         return self
 
-    def _make_mount_point(self, path: Path) -> None:
-        """Create ``path`` (and missing parents) if absent, to be removed again at stop."""
-        missing: list[Path] = []
-        for folder in (path, *path.parents):
-            if folder.exists():
-                break
-            missing.append(folder)
-        for folder in reversed(missing):
-            folder.mkdir()
-            self._created.append(folder)
-
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -159,7 +161,7 @@ class DockerEngine:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM to the pid in the pid file, wait for the exit, remove what was created."""
+        """SIGTERM to the pid in the pid file, then wait for dockerd to exit."""
         process = self._process
         if process is not None and process.poll() is None:
             pid = self.pid or self._pid_from_file() or process.pid
@@ -170,11 +172,6 @@ class DockerEngine:
                 process.kill()
                 process.wait(timeout=30)
         self._process = None
-        # Only empty folders we made (another engine may be using /run/docker right now).
-        for folder in reversed(self._created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        self._created.clear()
 
     def _pid_from_file(self) -> int:
         try:
