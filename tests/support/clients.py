@@ -22,7 +22,8 @@ from cryptography import x509
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
-def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+def clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment without proxy variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
     if extra:
         env.update(extra)
@@ -60,7 +61,7 @@ def _run(
         _hosts_command(cmd, hosts_file),
         capture_output=True,
         text=text,
-        env=_clean_env(env),
+        env=clean_env(env),
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         check=False,

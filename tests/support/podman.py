@@ -1,6 +1,7 @@
 """podman for the e2e tests: the machine's settings, stand-in base images, the product image.
 
-No Docker engine runs on these machines and nothing can be pulled from public container
+No Docker engine runs on these machines by default (tests/support/docker.py starts one of
+the tests' own and moves this build into it) and nothing can be pulled from public container
 registries, so the image is built with podman on local stand-ins for ``python:3.13-slim``
 (a debootstrapped Debian with python3) and ``registry:3`` (Debian's registry binary).
 Every podman call goes through :func:`podman`, which adds what podman needs here: the
