@@ -53,7 +53,7 @@ def check_writable(variable: str, path: Path) -> str | None:
 
 def handoff_socket(settings: Settings) -> Path:
     """Where registry generations fetch the shared listening socket (socket activation)."""
-    return settings.run_dir / "registry-listener.sock"
+    return settings.run_dir / "registry.sock"
 
 
 def supervisord_environment(settings: Settings, socket_activation: bool) -> dict[str, str]:
