@@ -166,6 +166,7 @@ def summarize(run: LoadRun, path: str, kind: str) -> dict[str, Any]:
         "requests": r.requests,
         "failed": r.failed,
         "refused": r.refused_connects,
+        "unanswered": r.unanswered,
         "p50": _nan_to_none(r.p50_ms),
         "p99": _nan_to_none(r.p99_ms),
         "p99_windows": _nan_to_none(r.latency_overlapping(99, run.windows))

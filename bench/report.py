@@ -690,6 +690,7 @@ def _renewal(results: dict[str, Any], charts: dict[str, Path]) -> str:
                 str(run["requests"]),
                 f"**{run['failed']}**",
                 str(run["refused"]),
+                str(run.get("unanswered", "-")),
                 ms(run["p50"]),
                 ms(run["p99"]),
                 ms(run["p99_windows"]),
@@ -701,8 +702,9 @@ def _renewal(results: dict[str, Any], charts: dict[str, Path]) -> str:
     text = [
         "Steady load from `tests.support.load.LoadClient` in its own process: 2 threads making "
         "a new TLS connection per manifest GET, 1 thread of keep-alive manifest GETs, 1 thread "
-        "downloading the 4 MB layer (digest checked), 2 ms pause between requests. A refused or "
-        "reset-before-response attempt is counted as *refused* and retried once after 5 ms; "
+        "downloading the 4 MB layer (digest checked), 2 ms pause between requests. A refused "
+        "connect is counted as *refused*, a connection accepted and then closed or reset before "
+        "any response byte as *unanswered*; either is retried once after 5 ms; "
         "*failed* is a request that still failed, or got a wrong status or digest. A renewal's "
         "window runs from its start to 0.1 s after it ended (ours: the `acme-registry renew` "
         "command, order + rotation; Caddy: `attempting certificate renewal` to `replaced "
@@ -715,6 +717,7 @@ def _renewal(results: dict[str, Any], charts: dict[str, Path]) -> str:
                 "requests",
                 "failed",
                 "refused",
+                "unanswered",
                 "p50 ms",
                 "p99 ms",
                 "p99 in renewals ms",

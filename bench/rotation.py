@@ -11,9 +11,19 @@ without rotation is measured over the same windows, so the "rot" columns compare
 like.
 
 Run: .venv/bin/python -m bench.rotation [N] [--interval S] [--method NAME ...] [--product]
+     .venv/bin/python -m bench.rotation [N] --paths [--binary PATH ...]
 
 ``--product`` measures acme-registry itself: `acme-registry run` against Pebble, rotated by
 `acme-registry renew` (an order, then the generation handover), with the same load.
+
+``--paths`` compares the product's two rotation paths under 4 tight client loops (a new
+TLS connection per manifest GET, no pause), as issue 9 measured them: the FIFO handover
+(registry 2.x: the new generation binds once the old listener is gone) and socket activation
+(3.x: every generation serves on the agent's one listening socket). One run per ``--binary``
+(default: Debian's 2.8.2 and the 3.x stand-in of tests/support/standin_registry.py; add a
+real 3.x binary to measure it), each under REGISTRY_SOCKET_ACTIVATION=auto. Reported:
+*refused* connects and *unanswered* connections (accepted, then closed with no response
+byte), each retried once after 5 ms, and requests still *failed* after that retry.
 
 A rotation method is any ``rotate()`` callable that returns once the new generation serves
 (see ``RotationTarget``); the manual ones here SIGTERM the registry themselves. To measure
@@ -24,6 +34,7 @@ for the new serial, and pass it to ``run_bench()`` next to (or instead of) the m
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import statistics
@@ -72,8 +83,8 @@ class RotationTarget:
     root_pem: bytes
     repo: str
     tag: str
-    manifest_digest: str
-    blob_digest: str
+    manifest_digest: str | None  # None: not checked (a stand-in answers every GET with {})
+    blob_digest: str | None  # None: no blob downloads
     rotate: Callable[[], object]
 
 
@@ -83,6 +94,11 @@ class Run:
     report: LoadReport
     windows: list[tuple[float, float]] = field(default_factory=list)
     rotations: list[object] = field(default_factory=list)
+
+
+STANDIN = Path(__file__).resolve().parents[1] / "tests" / "support" / "standin_registry.py"
+# The load of --paths: issue 9's "4 tight client loops (new connection per request)".
+TIGHT_LOOPS = {"connect_workers": 4, "keepalive_workers": 0, "pause": 0.0}
 
 
 def _load_child(conn: Connection, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -128,6 +144,7 @@ def measure(
     *,
     rotate: bool = True,
     retry_delay: float = RETRY_DELAY,
+    load_options: dict[str, Any] | None = None,
 ) -> Run:
     """Steady load for WARMUP + rotations * interval seconds, rotating every ``interval``.
 
@@ -143,6 +160,7 @@ def measure(
         blob_digest=target.blob_digest,
         max_duration=WARMUP + rotations * interval + 60,
         retry_delay=retry_delay,
+        **(load_options or {}),
     )
     windows: list[tuple[float, float]] = []
     results: list[object] = []
@@ -211,6 +229,7 @@ def table(baseline: Run, runs: Sequence[Run]) -> str:
         "rotations",
         "requests",
         "refused",
+        "unanswered",
         "failed",
         "gap max ms",
         "gap rot ms",
@@ -231,6 +250,7 @@ def table(baseline: Run, runs: Sequence[Run]) -> str:
                 str(len(run.rotations)),
                 str(r.requests),
                 str(r.refused_connects),
+                str(r.unanswered),
                 str(r.failed),
                 _fmt(r.longest_gap_ms),
                 _fmt(r.longest_gap_overlapping(windows)),
@@ -330,6 +350,147 @@ def product_bench(
         pebble.stop()
 
 
+@dataclass
+class PathRun:
+    """One rotation path measured through the product."""
+
+    path: str  # "FIFO" or "socket activation", as the agent chose it
+    binary: str
+    version: str
+    run: Run
+    rotation_log: list[str]
+
+    def result(self) -> dict[str, Any]:
+        """JSON for bench's results (the lead's report integrates it)."""
+        r = self.run.report
+        return {
+            "path": self.path,
+            "binary": self.binary,
+            "version": self.version,
+            "rotations": len(self.run.rotations),
+            "requests": r.requests,
+            "refused": r.refused_connects,
+            "unanswered": r.unanswered,
+            "failed": r.failed,
+            "gap_windows_ms": r.longest_gap_overlapping(self.run.windows),
+            "p99_windows_ms": r.latency_overlapping(99, self.run.windows),
+            "failures": r.failures[:5],
+        }
+
+
+def path_bench(workdir: Path, binary: Path, rotations: int, interval: float) -> PathRun:
+    """The product with ``binary`` (REGISTRY_SOCKET_ACTIVATION=auto), rotated ``rotations``
+    times by `acme-registry renew` under 4 tight client loops."""
+    from acme_registry.activation import binary_version, parse_version
+    from tests.support.agent import AgentProcess
+    from tests.support.clients import wait_for_tls
+    from tests.support.pebble import Pebble
+
+    version = parse_version(binary_version(str(binary)))
+    pebble = Pebble(workdir / "pebble", free_port(), nonce_reject=0).start()
+    env = AgentProcess.environment(
+        workdir / "agent",
+        domains=NAME,
+        directory=pebble.directory_url,
+        ca_bundle=pebble.ca_bundle,
+        http_port=pebble.http_port,
+        registry_binary=binary,
+        AUTH_MODE="none",
+    )
+    env.pop("AUTH_USERS")
+    agent = AgentProcess(workdir / "agent", env).start()
+    try:
+        root = pebble.root_pem()
+        served = {wait_for_tls("127.0.0.1", agent.registry_port, NAME, root, 30).serial_number}
+        manifest = ""
+        if binary != STANDIN:  # the stand-in answers every GET with {}: nothing to push
+            layout = workdir / "image"
+            make_oci_image(layout, tag=TAG, size=64 * 1024)
+            manifest, _ = image_digests(layout, TAG)
+            Skopeo(workdir / "skopeo", root, [NAME]).push(
+                layout, TAG, f"{NAME}:{agent.registry_port}/{REPO}:{TAG}"
+            )
+
+        def rotate() -> object:
+            result = agent.cli("renew", timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"renew failed: {result.stderr.strip()}")
+            cert = wait_for_tls(
+                "127.0.0.1",
+                agent.registry_port,
+                NAME,
+                root,
+                10,
+                accept=lambda c: c.serial_number not in served,
+            )
+            served.add(cert.serial_number)
+            return cert.serial_number
+
+        target = RotationTarget(
+            name=NAME,
+            port=agent.registry_port,
+            root_pem=root,
+            repo=REPO,
+            tag=TAG,
+            manifest_digest=manifest or None,
+            blob_digest=None,
+            rotate=rotate,
+        )
+        run = measure(target, str(binary), rotations, interval, load_options=TIGHT_LOOPS)
+    finally:
+        agent.stop()
+        pebble.stop()
+    log = agent.log()
+    shared = "share the agent's listening socket" in log
+    return PathRun(
+        path="socket activation" if shared else "FIFO",
+        binary=str(binary),
+        version=version.describe() if version else "unknown",
+        run=run,
+        rotation_log=[line for line in log.splitlines() if "replaced registry:" in line],
+    )
+
+
+def paths_table(runs: Sequence[PathRun]) -> str:
+    header = (
+        "path",
+        "registry",
+        "rotations",
+        "requests",
+        "refused",
+        "unanswered",
+        "failed",
+        "gap rot ms",
+        "p99 rot ms",
+    )
+    rows = [header]
+    for path_run in runs:
+        result = path_run.result()
+        rows.append(
+            (
+                path_run.path,
+                path_run.version,
+                str(result["rotations"]),
+                str(result["requests"]),
+                str(result["refused"]),
+                str(result["unanswered"]),
+                str(result["failed"]),
+                _fmt(result["gap_windows_ms"]),
+                _fmt(result["p99_windows_ms"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.rotation", description=__doc__.split("\n\n")[0]
@@ -350,8 +511,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="rotate the product (acme-registry run + renew against Pebble) instead",
     )
+    parser.add_argument(
+        "--paths",
+        action="store_true",
+        help="the product's FIFO and socket-activation paths under 4 tight client loops",
+    )
+    parser.add_argument(
+        "--binary",
+        action="append",
+        type=Path,
+        help=f"with --paths: a registry binary (default: {REGISTRY_BINARY} and the stand-in)",
+    )
+    parser.add_argument("--json", type=Path, help="with --paths: also write the results here")
     args = parser.parse_args(argv)
     methods = args.method or list(METHODS)
+    if args.paths:
+        path_runs = []
+        for binary in args.binary or [Path(REGISTRY_BINARY), STANDIN]:
+            with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
+                path_runs.append(path_bench(Path(tmp), binary, args.rotations, args.interval))
+        print(paths_table(path_runs))
+        for path_run in path_runs:
+            for failure in path_run.run.report.failures[:3]:
+                print(f"{path_run.path} ({path_run.version}): {failure}")
+        if args.json:
+            args.json.write_text(json.dumps([p.result() for p in path_runs], indent=2))
+        return 0
     if args.product:
         with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
             baseline, runs = product_bench(

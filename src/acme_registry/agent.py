@@ -33,6 +33,7 @@ from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer
 from .registry import RegistryGenerations, Supervisor, http_secret, render_config
+from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
 from .storage import FileStorage, ensure_private_dir
 
@@ -89,7 +90,7 @@ class Backoff:
 
 
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
         self.storage = FileStorage(settings.data_dir)
         # With ACME off the operator's files are copied into a store of our own once they
@@ -105,6 +106,7 @@ class Agent:
             Supervisor(settings.supervisor_socket),
             settings.registry_addr,
             settings.registry_config_dir,
+            registry_socket,
         )
         self.users = (
             UserStore(settings.data_dir, settings.auth_users)
@@ -377,7 +379,8 @@ class Agent:
         served = self._served_fingerprint()
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
-            self.generations.rotate()
+            # With a shared socket the old generation stops only once the new pair is served.
+            self.generations.rotate(serving=lambda: self._served_fingerprint() == pair.fingerprint)
             self.metrics.registry_started()
 
     def _issue(self, extra: list[str], dry_run: bool = False) -> dict[str, Any]:

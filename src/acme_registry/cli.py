@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr if args.command == "issue" else sys.stdout,
     )
     if args.command == "check":
-        return 0
+        return _check_registry_binary(settings)
     if args.command == "run":
         from .launcher import launch
 
@@ -88,6 +88,19 @@ def _settings_or_exit() -> Settings | int:
     except ConfigError as error:
         print(f"acme-registry: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _check_registry_binary(settings: Settings) -> int:
+    """REGISTRY_SOCKET_ACTIVATION against the binary's --version, as `run` checks it."""
+    from .config import ConfigError
+    from .launcher import uses_socket_activation
+
+    try:
+        uses_socket_activation(settings)
+    except ConfigError as error:
+        print(f"acme-registry: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
 
 
 class JsonFormatter(logging.Formatter):

@@ -33,6 +33,7 @@ KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("htpasswd", "none")
+SOCKET_ACTIVATION_MODES = ("auto", "on", "off")
 
 # The variables this program reads. Unknown ACME_* names are rejected so that a typo
 # (ACME_DOMAIN) is an error at start instead of a silently ignored setting.
@@ -55,6 +56,7 @@ KNOWN_VARIABLES = (
     "DATA_DIR",
     "REGISTRY_HTTP_ADDR",
     "REGISTRY_BINARY",
+    "REGISTRY_SOCKET_ACTIVATION",
     "LOG_LEVEL",
     "LOG_FORMAT",
     "AUTH_MODE",
@@ -70,7 +72,7 @@ OWNED_REGISTRY_PREFIXES = ("REGISTRY_HTTP_TLS", "REGISTRY_HTTP_SECRET", "REGISTR
 # Whole-section overrides that would replace the owned settings along with everything else.
 OWNED_REGISTRY_SECTIONS = ("REGISTRY_HTTP",)
 # Variables of ours that share the registry's prefix and are not passed to it.
-OWN_REGISTRY_VARIABLES = ("REGISTRY_BINARY",)
+OWN_REGISTRY_VARIABLES = ("REGISTRY_BINARY", "REGISTRY_SOCKET_ACTIVATION")
 
 DEFAULT_DRAIN_SECONDS = 30
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -111,6 +113,8 @@ class Settings:
     registry_addr: ListenAddress
     registry_binary: Path
     key_type: str = "ec256"
+    # auto, on or off: whether registry generations share the agent's listening socket.
+    socket_activation: str = "auto"
     profile: str | None = None
     dry_run_directory: str = LETSENCRYPT_STAGING
     email: str | None = None
@@ -197,6 +201,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         data_dir=data_dir,
         registry_addr=registry_addr,
         registry_binary=_executable("REGISTRY_BINARY", _registry_binary(env)),
+        socket_activation=_choice(
+            env, "REGISTRY_SOCKET_ACTIVATION", SOCKET_ACTIVATION_MODES, "auto"
+        ),
         drain_seconds=_duration(
             "REGISTRY_HTTP_DRAINTIMEOUT",
             env.get("REGISTRY_HTTP_DRAINTIMEOUT", f"{DEFAULT_DRAIN_SECONDS}s"),

@@ -12,15 +12,16 @@ import errno
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Settings
-from .listen import raise_open_file_limit
+from . import activation
+from .config import ConfigError, Settings
+from .listen import bind_address, raise_open_file_limit
+from .registry import supervisord_conf
+from .registry_socket import Handoff, RegistrySocket
 from .storage import ensure_private_dir
 
 if TYPE_CHECKING:
@@ -29,15 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def supervisord_conf() -> Path:
-    """The packaged supervisord.conf; in a source checkout, the one in entrypoint/."""
-    packaged = resources.files("acme_registry") / "supervisord.conf"
-    if packaged.is_file():
-        return Path(str(packaged))
-    checkout = Path(__file__).resolve().parents[2] / "entrypoint" / "supervisord.conf"
-    if checkout.is_file():
-        return checkout
-    raise FileNotFoundError("supervisord.conf is missing from the installation")
+EXIT_CONFIG = 2
+
+__all__ = ["launch", "supervisord_conf"]
 
 
 def check_writable(variable: str, path: Path) -> str | None:
@@ -56,9 +51,16 @@ def check_writable(variable: str, path: Path) -> str | None:
     return None
 
 
-def supervisord_environment(settings: Settings) -> dict[str, str]:
+def handoff_socket(settings: Settings) -> Path:
+    """Where registry generations fetch the shared listening socket (socket activation)."""
+    return settings.run_dir / "registry.sock"
+
+
+def supervisord_environment(settings: Settings, socket_activation: bool) -> dict[str, str]:
     env = dict(os.environ)
+    # Our settings, not the registry's: it warns about every REGISTRY_* name it does not know.
     env.pop("REGISTRY_BINARY", None)
+    env.pop("REGISTRY_SOCKET_ACTIVATION", None)
     env.update(
         ACME_REGISTRY_RUN_DIR=str(settings.run_dir),
         ACME_REGISTRY_REGISTRY_BINARY=str(settings.registry_binary),
@@ -67,39 +69,69 @@ def supervisord_environment(settings: Settings) -> dict[str, str]:
         ACME_REGISTRY_LOG=f"/proc/{os.getpid()}/fd/1",
         # The registry drains for drain_seconds after SIGTERM; give it a little more.
         ACME_REGISTRY_STOP_WAIT=str(int(settings.drain_seconds) + 5),
+        # Non-empty: each generation runs through the exec wrapper that fetches the socket.
+        ACME_REGISTRY_HANDOFF=str(handoff_socket(settings)) if socket_activation else "",
+        ACME_REGISTRY_PYTHON=sys.executable,
     )
     # registry 3.x initialises OpenTelemetry from the environment and fails without this.
     env.setdefault("OTEL_TRACES_EXPORTER", "none")
     return env
 
 
+def uses_socket_activation(settings: Settings) -> bool:
+    """REGISTRY_SOCKET_ACTIVATION resolved against the binary; ConfigError for on with 2.x."""
+    if settings.socket_activation == "off":
+        return False
+    output = activation.binary_version(str(settings.registry_binary))
+    version = activation.parse_version(output)
+    try:
+        chosen = activation.choose(settings.socket_activation, version)
+    except activation.ActivationUnsupported as error:
+        raise ConfigError("REGISTRY_SOCKET_ACTIVATION", str(error)) from None
+    if version is None:
+        first_line = output.strip().splitlines()[0] if output.strip() else "nothing"
+        log.warning(
+            "%s --version printed %r, not a known registry release; %s",
+            settings.registry_binary,
+            first_line[:120],
+            "socket activation on as REGISTRY_SOCKET_ACTIVATION=on says"
+            if chosen
+            else "handing over through a FIFO (set REGISTRY_SOCKET_ACTIVATION=on for 3.x)",
+        )
+    return chosen
+
+
+def bind_problem(variable: str, port: int, error: OSError) -> str:
+    """One line naming the setting and the fix for a port that cannot be bound."""
+    advice = ""
+    if error.errno == errno.EACCES:
+        advice = (
+            ": ports below 1024 need net.ipv4.ip_unprivileged_port_start=0 in the "
+            "container's network namespace (docker run does it; podman run needs "
+            "--sysctl net.ipv4.ip_unprivileged_port_start=0), or choose a port >= 1024"
+        )
+    elif error.errno == errno.EADDRINUSE:
+        advice = ": something else listens there"
+    uid = os.getuid()
+    return f"{variable} port {port} cannot be bound by uid {uid} ({error.strerror}){advice}"
+
+
 def check_bindable(variable: str, host: str, port: int) -> str | None:
     """One line naming the setting and the fix when ``port`` cannot be bound, else None."""
-    family = socket.AF_INET6 if ":" in host or not host else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and not host:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind((host or "::", port))
+        bind_address(host, port).close()
     except OSError as error:
-        if not host and error.errno == errno.EAFNOSUPPORT:
-            return check_bindable(variable, "0.0.0.0", port)
-        advice = ""
-        if error.errno == errno.EACCES:
-            advice = (
-                ": ports below 1024 need net.ipv4.ip_unprivileged_port_start=0 in the "
-                "container's network namespace (docker run does it; podman run needs "
-                "--sysctl net.ipv4.ip_unprivileged_port_start=0), or choose a port >= 1024"
-            )
-        elif error.errno == errno.EADDRINUSE:
-            advice = ": something else listens there"
-        uid = os.getuid()
-        return f"{variable} port {port} cannot be bound by uid {uid} ({error.strerror}){advice}"
+        return bind_problem(variable, port, error)
     return None
 
 
 def launch(settings: Settings) -> int:
+    # First, because it is a configuration error (exit 2, nothing written yet).
+    try:
+        socket_activation = uses_socket_activation(settings)
+    except ConfigError as error:
+        print(f"acme-registry: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     raise_open_file_limit()
     checks = [check_writable("DATA_DIR", settings.data_dir)]
     checks.append(check_writable("CERT_DIR", settings.cert_dir))
@@ -109,33 +141,57 @@ def launch(settings: Settings) -> int:
     if storage:
         checks.append(check_writable("the registry's storage", Path(storage)))
     checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
-    addr = settings.registry_addr
-    checks.append(check_bindable("REGISTRY_HTTP_ADDR", addr.host, addr.port))
     for problem in checks:
         if problem:
             print(f"acme-registry: {problem}", file=sys.stderr)
             return 1
+    addr = settings.registry_addr
+    try:
+        # The real bind, held from now on: the error is exact, and nothing can take the
+        # port between this check and the first generation.
+        registry_socket = RegistrySocket.bind(addr.host, addr.port, socket_activation)
+    except OSError as error:
+        print(
+            f"acme-registry: {bind_problem('REGISTRY_HTTP_ADDR', addr.port, error)}",
+            file=sys.stderr,
+        )
+        return 1
+    log.info(
+        "registry generations %s",
+        "share the agent's listening socket (socket activation)"
+        if socket_activation
+        else "bind the address themselves, handed over through a config FIFO",
+    )
     ensure_private_dir(settings.data_dir)
     ensure_private_dir(settings.run_dir)
     settings.supervisor_socket.unlink(missing_ok=True)
     conf = supervisord_conf()
-    env = supervisord_environment(settings)
+    env = supervisord_environment(settings, socket_activation)
     os.environ.clear()  # supervisord passes its own environment to every program
     os.environ.update(env)
 
     from .agent import Agent
 
-    agent = Agent(settings)
+    handoff = Handoff(handoff_socket(settings), registry_socket) if socket_activation else None
+    agent = Agent(settings, registry_socket)
     try:
+        if handoff is not None:
+            handoff.start()
         agent.start()
     except OSError as error:
         print(f"acme-registry: cannot start: {error}", file=sys.stderr)
         agent.stop()
+        if handoff is not None:
+            handoff.stop()
+        registry_socket.close()
         return 1
     try:
         return _run_supervisord(conf, agent)
     finally:
         agent.stop()
+        if handoff is not None:
+            handoff.stop()
+        registry_socket.close()
 
 
 def _run_supervisord(conf: Path, agent: Agent) -> int:

@@ -16,8 +16,8 @@ DEFAULT_BACKLOG = 4096
 _NR_OPEN = "/proc/sys/fs/nr_open"
 
 
-def bind_tcp(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A bound, listening TCP socket on ``host``:``port`` (``port`` 0 picks a free one).
+def bind_address(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` but not yet listening (``port`` 0 picks one).
 
     ``host`` "" is every address: dual-stack ``::`` (IPv6 and IPv4 on one socket), or IPv4's
     ``0.0.0.0`` only when this machine has no IPv6. ``[v6]`` may be written with brackets.
@@ -28,18 +28,41 @@ def bind_tcp(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.soc
     if host:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address, family=family, backlog=backlog)
+        return _bound(family, address)
     if socket.has_dualstack_ipv6():
         try:
-            return socket.create_server(
-                ("::", port), family=socket.AF_INET6, backlog=backlog, dualstack_ipv6=True
-            )
+            return _bound(socket.AF_INET6, ("::", port), dualstack=True)
         except OSError as exc:
             # Only "this machine has no IPv6" falls back; "port in use" must stay an error.
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
             log.info("IPv6 unavailable (%s); listening on IPv4 only", exc)
-    return socket.create_server(("0.0.0.0", port), backlog=backlog)
+    return _bound(socket.AF_INET, ("0.0.0.0", port))
+
+
+def bind_tcp(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A bound, listening TCP socket on ``host``:``port``; see :func:`bind_address`."""
+    sock = bind_address(host, port)
+    try:
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bound(family: int, address: tuple[object, ...], dualstack: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As Go's net.Listen does: a restart can bind while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def open_file_limit() -> int:

@@ -1,13 +1,18 @@
 """The upstream registry: its configuration, and its generations under supervisord.
 
 The registry loads its certificate once at start and never again, so a new certificate
-means a new process. Generations are the supervisord programs ``registry:registry-N``;
-the agent starts one, and on rotation stops the current one (its listener closes within
-milliseconds while its transfers drain) and starts the next as soon as the port is free.
+means a new process. Generations are the supervisord programs ``registry:registry-N``
+(as many as ``numprocs`` in supervisord.conf). With socket activation (3.x) every generation
+serves on the agent's one listening socket: a rotation starts the next generation, waits
+until it serves, then stops the current one, which drains; nothing is refused because the
+kernel queue never closes. Without it (2.x) the current one is stopped (its listener closes
+within milliseconds while its transfers drain) and the next, already started and waiting on
+its config FIFO, binds as soon as the port is free.
 """
 
 from __future__ import annotations
 
+import configparser
 import errno
 import json
 import logging
@@ -15,19 +20,45 @@ import os
 import secrets
 import time
 import xmlrpc.client
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import listeners
 from .config import ListenAddress, Settings
+from .registry_socket import RegistrySocket
 from .storage import Storage, write_atomic
 
 log = logging.getLogger(__name__)
 
 GROUP = "registry"
-GENERATIONS = 3  # must match numprocs in supervisord.conf
 RUNNING_STATES = ("STARTING", "RUNNING", "BACKOFF")
+GONE_STATES = ("STOPPED", "EXITED", "FATAL")
+# How long a new generation may take to serve before a rotation gives up on it (the
+# current one keeps serving).
+SERVING_TIMEOUT = 20.0
+
+
+def supervisord_conf() -> Path:
+    """The packaged supervisord.conf; in a source checkout, the one in entrypoint/."""
+    packaged = resources.files("acme_registry") / "supervisord.conf"
+    if packaged.is_file():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parents[2] / "entrypoint" / "supervisord.conf"
+    if checkout.is_file():
+        return checkout
+    raise FileNotFoundError("supervisord.conf is missing from the installation")
+
+
+def generation_count(conf_text: str) -> int:
+    """``numprocs`` of ``[program:registry]`` in supervisord.conf: how many generations."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read_string(conf_text)
+    count = parser.getint(f"program:{GROUP}", "numprocs", fallback=1)
+    if count < 2:
+        raise ValueError(f"[program:{GROUP}] numprocs={count}: a rotation needs at least 2")
+    return count
 
 
 def http_secret(storage: Storage) -> str:
@@ -111,24 +142,41 @@ class Supervisor:
 class RegistryGenerations:
     """Which generation serves, starting the first and rotating to the next.
 
-    Generation N reads ``config_dir/registry-N.yml``. A rotation starts the next generation
-    *before* stopping the current one, with that path made a FIFO: the new process does its
-    start-up work (~15 ms for the registry binary) and then blocks reading its config. Once
-    the old listener is gone the config is written into the FIFO and the new process listens
-    within a few milliseconds, instead of start-up time after the port was freed. The path is
-    then replaced by a regular file, which is what a supervisord restart after a crash reads.
+    Generation N reads ``config_dir/registry-N.yml``. With socket activation a rotation
+    starts the next generation on the shared socket, waits until it serves, then stops the
+    current one. Without it, a rotation starts the next generation *before* stopping the
+    current one, with that path made a FIFO: the new process does its start-up work (~15 ms
+    for the registry binary) and then blocks reading its config. Once the old listener is
+    gone the config is written into the FIFO and the new process listens within a few
+    milliseconds, instead of start-up time after the port was freed. The path is then
+    replaced by a regular file, which is what a supervisord restart after a crash reads.
     """
 
-    def __init__(self, supervisor: Supervisor, addr: ListenAddress, config_dir: Path) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        addr: ListenAddress,
+        config_dir: Path,
+        registry_socket: RegistrySocket | None = None,
+        count: int | None = None,
+    ) -> None:
         self.supervisor = supervisor
         self.addr = addr
         self.config_dir = config_dir
+        self.registry_socket = registry_socket
+        self.count = (
+            count if count is not None else generation_count(supervisord_conf().read_text())
+        )
         self.config = b""
+
+    @property
+    def socket_activation(self) -> bool:
+        return self.registry_socket is not None and self.registry_socket.activation
 
     def configure(self, config: dict[str, Any]) -> None:
         """The registry configuration every generation started from now on reads."""
         self.config = json.dumps(config, indent=2).encode() + b"\n"
-        for index in range(GENERATIONS):
+        for index in range(self.count):
             write_atomic(self.config_path(index), self.config, mode=0o600)
 
     def config_path(self, index: int) -> Path:
@@ -149,14 +197,25 @@ class RegistryGenerations:
             return current
         index = self._free_slot()
         write_atomic(self.config_path(index), self.config, mode=0o600)
+        if self.registry_socket is not None:
+            # Listening (activation) or giving the address to the registry (2.x) only now:
+            # until a generation runs, connections are refused rather than left hanging.
+            self.registry_socket.prepare_for_first_generation()
         self.supervisor.start(self.name(index))
         return self.name(index)
 
-    def rotate(self) -> str:
-        """Replace the serving generation with a new one; the new one loads the new pair."""
+    def rotate(self, serving: Callable[[], bool] | None = None) -> str:
+        """Replace the serving generation with a new one; the new one loads the new pair.
+
+        ``serving`` says whether the new generation serves yet (the agent asks whether the
+        new certificate is served); it is only needed with socket activation, where the old
+        generation keeps accepting from the same socket until it is told to stop.
+        """
         current = self.current()
         if current is None:
             return self.ensure_running()
+        if self.socket_activation:
+            return self._rotate_on_shared_socket(current, serving)
         index = self._free_slot()
         path = self.config_path(index)
         began = time.monotonic()
@@ -193,10 +252,47 @@ class RegistryGenerations:
         )
         return self.name(index)
 
+    def _rotate_on_shared_socket(self, current: str, serving: Callable[[], bool] | None) -> str:
+        """Start the next generation on the shared socket; stop the current one once the
+        next serves. Both accept from one queue meanwhile, so no connection is refused."""
+        index = self._free_slot()
+        name = self.name(index)
+        write_atomic(self.config_path(index), self.config, mode=0o600)
+        began = time.monotonic()
+        self.supervisor.start(name)
+        probes = 0
+        while True:
+            state = self.supervisor.states(GROUP).get(name)
+            if serving is not None:
+                probes += 1
+                if serving():
+                    break
+            elif state == "RUNNING":  # supervisord's startsecs passed: it is up
+                break
+            if state not in ("STARTING", "RUNNING") or time.monotonic() - began > SERVING_TIMEOUT:
+                self.supervisor.stop(name)
+                raise OSError(
+                    f"registry generation {name} did not serve (state {state}) within "
+                    f"{time.monotonic() - began:.1f} s; {current} still serves"
+                )
+            time.sleep(0.005)
+        ready = time.monotonic()
+        self.supervisor.stop(current)
+        log.info(
+            "registry generation %s replaced %s on the shared socket: new process serving "
+            "%.1f ms after its start (%d probes), old one told to drain %.1f ms later",
+            name,
+            current,
+            (ready - began) * 1000,
+            probes,
+            (time.monotonic() - ready) * 1000,
+        )
+        return name
+
     def _free_slot(self) -> int:
         states = self.supervisor.states(GROUP)
-        for index in range(GENERATIONS):
-            if states.get(self.name(index)) in ("STOPPED", "EXITED", "FATAL"):
+        for index in range(self.count):
+            if states.get(self.name(index)) in GONE_STATES:
                 return index
         raise RuntimeError("every registry generation is still draining; try again later")
 

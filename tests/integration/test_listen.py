@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from acme_registry import listen
 from acme_registry.listen import DEFAULT_BACKLOG, bind_tcp
 
 
@@ -60,14 +61,14 @@ def test_brackets_around_an_ipv6_address_are_stripped():
 
 @pytest.mark.parametrize("code", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
 def test_every_address_falls_back_to_ipv4_only_without_ipv6(monkeypatch, code):
-    real = socket.create_server
+    real = listen._bound
 
-    def no_ipv6(address, *, family=socket.AF_INET, **kwargs):
+    def no_ipv6(family, address, dualstack=False):
         if family == socket.AF_INET6:
             raise OSError(code, "no IPv6 here")
-        return real(address, family=family, **kwargs)
+        return real(family, address, dualstack)
 
-    monkeypatch.setattr(socket, "create_server", no_ipv6)
+    monkeypatch.setattr(listen, "_bound", no_ipv6)
     with bind_tcp("", 0) as listener:
         assert listener.family == socket.AF_INET
         assert connects("127.0.0.1", listener.getsockname()[1])

@@ -1,12 +1,13 @@
 """Steady HTTPS load on a registry, and a registry whose process can be rotated under it.
 
 ``LoadClient`` is what a client sees while the registry process is swapped for a new one
-(certificate rotation): refused connects, failed requests after one retry, latency, and the
-longest stretch with no successful connect. ``RegistryServer`` runs the real distribution
-binary as successive generations and rotates them the way the agent does: SIGTERM the current
-one (its listener closes within milliseconds, in-flight requests drain), poll until the port
-has no listener, start the next one at once (or, with ``prestart``, have the next one
-already initialised and waiting for its config).
+(certificate rotation): refused connects, connections accepted but closed with no response,
+failed requests after one retry, latency, and the longest stretch with no successful
+connect. ``RegistryServer`` runs the real distribution binary as successive generations and
+rotates them the way the agent does: SIGTERM the current one (its listener closes within
+milliseconds, in-flight requests drain), poll until the port has no listener, start the next
+one at once (or, with ``prestart``, have the next one already initialised and waiting for
+its config).
 
 Both only ever talk to loopback.
 """
@@ -74,6 +75,14 @@ class _BeforeResponse(Exception):
     """Refused or reset before any response byte: the case that gets one retry."""
 
 
+class _Refused(_BeforeResponse):
+    """The TCP connect itself was refused: nothing listened on the port."""
+
+
+class _Unanswered(_BeforeResponse):
+    """The connection was accepted, then closed or reset before any response byte."""
+
+
 class _Failed(Exception):
     """A request that failed in a way a retry is not meant to paper over."""
 
@@ -107,7 +116,7 @@ class LoadReport:
 
     requests: int
     failed: int
-    refused_connects: int
+    refused_connects: int  # TCP connects refused (counted per attempt, retries too)
     failures: list[str]
     p50_ms: float  # manifest GETs (connect + keep-alive modes)
     p99_ms: float
@@ -122,6 +131,10 @@ class LoadReport:
     stopped_by: str  # "stop()", "max_duration" or "max_requests"
     samples: list[Sample] = field(default_factory=list, repr=False)
     connect_times: list[float] = field(default_factory=list, repr=False)
+    # Connections accepted (TCP handshake done) and then closed or reset before any response
+    # byte: a listener closed with connections in its queue, or a server that dropped a
+    # request it read after its shutdown began (counted per attempt, retries too).
+    unanswered: int = 0
 
     def latency_ms(
         self,
@@ -168,7 +181,8 @@ class LoadReport:
     def summary(self) -> str:
         return (
             f"{self.requests} requests in {self.duration_s:.1f} s, {self.failed} failed, "
-            f"{self.refused_connects} refused connects, {self.successful_connects} connects, "
+            f"{self.refused_connects} refused connects, {self.unanswered} accepted but "
+            f"unanswered, {self.successful_connects} connects, "
             f"longest gap {self.longest_gap_ms:.1f} ms at {self.longest_gap_at_s:.2f} s, "
             f"manifest p50/p99 {self.p50_ms:.1f}/{self.p99_ms:.1f} ms, "
             f"{self.blob_downloads} blobs p50/p99 {self.blob_p50_ms:.0f}/{self.blob_p99_ms:.0f} ms"
@@ -182,6 +196,7 @@ class _WorkerStats:
     requests: int = 0
     failed: int = 0
     refused: int = 0
+    unanswered: int = 0
     keepalive_reconnects: int = 0
     failures: list[str] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
@@ -193,8 +208,9 @@ class LoadClient:
 
     Only ``root_pem`` is trusted and the name is checked (SNI and Host are ``name``). Modes
     run at once, each in its own threads: new connection per manifest GET, keep-alive
-    manifest GETs, and full blob downloads with a sha256 check. A refused or reset-before-
-    any-response attempt counts in ``refused_connects`` and is retried once after 5 ms;
+    manifest GETs, and full blob downloads with a sha256 check. A refused connect counts in
+    ``refused_connects``, a connection accepted and then closed or reset before any response
+    byte in ``unanswered``; either is retried once after 5 ms (unless ``retry=False``);
     a request that still fails, gets a status other than 200, or the wrong digest, counts
     in ``failed``. Stops by itself after ``max_duration`` seconds or ``max_requests``.
     """
@@ -216,13 +232,15 @@ class LoadClient:
         blob_workers: int = 1,
         pause: float = 0.002,
         retry_delay: float = RETRY_DELAY,
+        retry: bool = True,
         timeout: float = 10.0,
         max_duration: float = 120.0,
         max_requests: int = 200_000,
     ) -> None:
         """``pause`` is each worker's rest between requests: without it the clients take
         every core and slow the very process start-up a rotation waits for. ``retry_delay``
-        is the wait before the one retry of a refused connect."""
+        is the wait before the one retry of a refused connect; ``retry=False`` makes every
+        refused or unanswered attempt a failure."""
         self.name = name
         self.port = port
         self.address = address
@@ -232,6 +250,7 @@ class LoadClient:
         self.blob_digest = blob_digest
         self.pause = pause
         self.retry_delay = retry_delay
+        self.retry = retry
         self.timeout = timeout
         self.max_duration = max_duration
         self.max_requests = max_requests
@@ -339,12 +358,15 @@ class LoadClient:
         try:
             try:
                 attempt()
-            except _BeforeResponse:
-                stats.refused += 1
+            except _BeforeResponse as exc:
+                self._count(stats, exc)
+                if not self.retry:
+                    self._fail(stats, f"{stats.mode}: no retry: {exc}")
+                    return
                 time.sleep(self.retry_delay)
                 attempt()
         except _BeforeResponse as exc:
-            stats.refused += 1
+            self._count(stats, exc)
             self._fail(stats, f"{stats.mode}: after one retry: {exc}")
         except _Failed as exc:
             self._fail(stats, f"{stats.mode}: {exc}")
@@ -355,6 +377,13 @@ class LoadClient:
             stats.samples.append(
                 Sample(done - self._started_at, stats.mode, (done - started) * 1000)
             )
+
+    @staticmethod
+    def _count(stats: _WorkerStats, exc: _BeforeResponse) -> None:
+        if isinstance(exc, _Refused):
+            stats.refused += 1
+        else:
+            stats.unanswered += 1
 
     @staticmethod
     def _fail(stats: _WorkerStats, message: str) -> None:
@@ -368,8 +397,10 @@ class LoadClient:
         )
         try:
             raw = socket.create_connection((self.address, self.port), timeout=self.timeout)
+        except ConnectionRefusedError as exc:
+            raise _Refused(f"connect: {_describe(exc)}") from exc
         except _BEFORE_RESPONSE_ERRORS as exc:
-            raise _BeforeResponse(f"connect: {_describe(exc)}") from exc
+            raise _Unanswered(f"connect: {_describe(exc)}") from exc
         except OSError as exc:
             raise _Failed(f"connect: {_describe(exc)}") from exc
         # As http.client's own connect() does: with Nagle on, the request written right after
@@ -381,7 +412,7 @@ class LoadClient:
             conn.sock = self._context.wrap_socket(raw, server_hostname=self.name)
         except _BEFORE_RESPONSE_ERRORS as exc:
             raw.close()
-            raise _BeforeResponse(f"TLS handshake: {_describe(exc)}") from exc
+            raise _Unanswered(f"TLS handshake: {_describe(exc)}") from exc
         except OSError as exc:
             raw.close()
             raise _Failed(f"TLS handshake: {_describe(exc)}") from exc
@@ -421,7 +452,7 @@ class LoadClient:
             conn.request("GET", path, headers=self._headers)
             return conn.getresponse()
         except _BEFORE_RESPONSE_ERRORS as exc:
-            raise _BeforeResponse(f"GET {path}: {_describe(exc)}") from exc
+            raise _Unanswered(f"GET {path}: {_describe(exc)}") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise _Failed(f"GET {path}: {_describe(exc)}") from exc
 
@@ -481,6 +512,7 @@ class LoadClient:
             requests=sum(w.requests for w in stats),
             failed=sum(w.failed for w in stats) + len(stuck),
             refused_connects=sum(w.refused for w in stats),
+            unanswered=sum(w.unanswered for w in stats),
             failures=failures,
             p50_ms=percentile(manifest, 50),
             p99_ms=percentile(manifest, 99),
