@@ -5,6 +5,7 @@ import pytest
 
 from acme_registry.config import ConfigError
 from acme_registry.dnspersist import (
+    DnsPersist01Response,
     PersistRecord,
     PersistStatus,
     check_record,
@@ -197,3 +198,10 @@ def test_parse_pebble_challenge():
 def test_parse_challenge_refuses(change):
     with pytest.raises(ValueError):
         parse_challenge({**PEBBLE_CHALLENGE, **change})
+
+
+def test_persist_response_is_an_empty_object_not_a_post_as_get():
+    response = DnsPersist01Response()
+    # acme sends b"" (POST-as-GET) for a falsy body; "{}" is what starts validation.
+    assert bool(response)
+    assert response.json_dumps() == "{}"
