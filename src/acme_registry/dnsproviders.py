@@ -34,7 +34,7 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
-from .dnsconfig import HostPort, Rfc2136Settings
+from .dnsconfig import ExecSettings, HostPort, Rfc2136Settings
 
 DEFAULT_TTL = 60
 DEFAULT_QUERY_TIMEOUT = 10.0
@@ -287,3 +287,10 @@ def _tail(stderr: bytes | str | None) -> str:
     if len(joined) > STDERR_TAIL_CHARS:
         joined = "..." + joined[-STDERR_TAIL_CHARS:]
     return f": {joined}" if joined else ""
+
+
+def provider_for(settings: Rfc2136Settings | ExecSettings) -> DnsProvider:
+    """The provider the settings describe (``DnsSettings.provider``, set with dns-01)."""
+    if isinstance(settings, Rfc2136Settings):
+        return Rfc2136Provider(settings)
+    return ExecProvider(settings.command)

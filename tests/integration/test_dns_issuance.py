@@ -14,16 +14,22 @@ from pathlib import Path
 
 import josepy as jose
 import pytest
-from acme import challenges, client, crypto_util, errors, messages
+from acme import client, crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from acme_registry import dnspersist
+from acme_registry import dnschallenge, dnspersist
 from acme_registry.dnsconfig import HostPort, PropagationSettings, Rfc2136Settings
 from acme_registry.dnspropagation import PropagationChecker
-from acme_registry.dnsproviders import Rfc2136Provider
-from tests.support.bind import BindServer, TestZone, free_dns_port, start_bind_servers
+from acme_registry.dnsproviders import DnsProvider, ExecProvider, Rfc2136Provider
+from tests.support.bind import (
+    BindServer,
+    TestZone,
+    free_dns_port,
+    start_bind_servers,
+    write_nsupdate_hook,
+)
 from tests.support.pebble import PEBBLE_PROFILES
 from tests.support.pebble_dns import PebbleWithDns
 
@@ -102,38 +108,27 @@ def assert_certificate(fullchain_pem: str, pebble: PebbleWithDns, names: list[st
 
 def dns01_order(
     acme: client.ClientV2,
-    provider: Rfc2136Provider,
+    provider: DnsProvider,
     propagation: PropagationChecker,
     names: list[str],
 ) -> tuple[messages.OrderResource, dict[str, set[str]]]:
     """dns-01 as the issuer does it: present every record, wait, answer, finalize, clean up."""
     order = retry_bad_nonce(lambda: acme.new_order(csr_for(names), profile="default"))
     account_key = acme.net.key
-    presented: dict[str, set[str]] = {}
-    answers = []
-    for authz in order.authorizations:
-        if authz.body.status != messages.STATUS_PENDING:
-            continue
-        challb = next(c for c in authz.body.challenges if isinstance(c.chall, challenges.DNS01))
-        # *.example.test and example.test both validate at _acme-challenge.example.test.
-        fqdn = challb.chall.validation_domain_name(authz.body.identifier.value)
-        value = challb.chall.validation(account_key)
-        provider.present(fqdn, value)
-        presented.setdefault(fqdn, set()).add(value)
-        answers.append((challb, challb.chall.response(account_key)))
+    records = dnschallenge.dns01_records(order.authorizations, account_key)
+    dnschallenge.present_all(provider, records)
     try:
         # Before the CA is told: every value visible on every authoritative server.
-        propagation.wait_visible(presented, timeout=60)
-        for challb, response in answers:
-            retry_bad_nonce(lambda c=challb, r=response: acme.answer_challenge(c, r))
+        propagation.wait_visible(dnschallenge.wanted(records), timeout=60)
+        for record in records:
+            response = dnschallenge.answer(record, account_key)
+            retry_bad_nonce(lambda c=record.challenge, r=response: acme.answer_challenge(c, r))
         deadline = dt.datetime.now() + dt.timedelta(seconds=90)
         finished = retry_bad_nonce(lambda: acme.poll_and_finalize(order, deadline=deadline))
     finally:
         # Also after a failure: remove exactly what was added.
-        for fqdn, values in presented.items():
-            for value in values:
-                provider.cleanup(fqdn, value)
-    return finished, presented
+        assert dnschallenge.cleanup_all(provider, records) == []
+    return finished, dnschallenge.wanted(records)
 
 
 def test_dns01_through_rfc2136_for_a_name_and_its_wildcard(pebble, bind):
@@ -170,27 +165,12 @@ def test_dns01_through_rfc2136_for_a_name_and_its_wildcard(pebble, bind):
 def persist_order(acme: client.ClientV2, names: list[str], issuer: str) -> messages.OrderResource:
     """dns-persist-01: nothing to write; answer {} to the challenge acme cannot parse."""
     order = retry_bad_nonce(lambda: acme.new_order(csr_for(names), profile="default"))
-    for authz in order.authorizations:
-        if authz.body.status != messages.STATUS_PENDING:
-            continue
-        challb = next(
-            c
-            for c in authz.body.challenges
-            if isinstance(c.chall, challenges.UnrecognizedChallenge)
-            and c.chall.jobj.get("type") == dnspersist.CHALLENGE_TYPE
+    for found in dnschallenge.persist_challenges(order.authorizations, issuer):
+        assert found.parsed.token is None and found.parsed.account_uri is None  # Pebble 2.10
+        retry_bad_nonce(
+            lambda c=found.challenge: acme.answer_challenge(c, dnspersist.DnsPersist01Response())
         )
-        parsed = dnspersist.parse_challenge(challb.chall.jobj)
-        assert parsed.token is None and parsed.account_uri is None  # Pebble 2.10
-        assert issuer in parsed.issuer_domain_names
-        resp = retry_bad_nonce(
-            lambda c=challb: acme._post(c.uri, dnspersist.DnsPersist01Response())
-        )
-        print("DEBUG", resp.status_code, resp.text.replace("\n", " "))
-    deadline = dt.datetime.now() + dt.timedelta(seconds=10)
-    import time
-
-    time.sleep(3)
-    print("PEBBLELOG", PEB[0].log_text()[-3000:])
+    deadline = dt.datetime.now() + dt.timedelta(seconds=90)
     return retry_bad_nonce(lambda: acme.poll_and_finalize(order, deadline=deadline))
 
 
@@ -243,3 +223,21 @@ def test_dns_persist01_without_the_record_is_refused_by_the_ca(pebble, bind):
     (challenge,) = [c for c in failed.body.challenges if c.error is not None]
     assert challenge.error.typ == "urn:ietf:params:acme:error:unauthorized"
     assert "DNS-PERSIST-01" in str(challenge.error.detail)
+
+
+def test_dns01_through_an_exec_hook_calling_nsupdate(tmp_path, pebble, bind):
+    script, env = write_nsupdate_hook(tmp_path / "hook", bind)
+    provider = ExecProvider(script, env=env)
+    propagation = PropagationChecker(
+        PropagationSettings(resolvers=(HostPort(bind.address, bind.port),)),
+        authoritative_port=bind.port,
+        poll_interval=0.2,
+    )
+    acme, _ = acme_client(pebble)
+    order, presented = dns01_order(acme, provider, propagation, NAMES)
+    assert_certificate(order.fullchain_pem, pebble, NAMES)
+    assert [len(values) for values in presented.values()] == [2]
+    assert sorted(Path(env["HOOK_LOG"]).read_text().split("\n")[:-1]) == sorted(
+        [f"present _acme-challenge.{ZONE}."] * 2 + [f"cleanup _acme-challenge.{ZONE}."] * 2
+    )
+    assert bind.txt(f"_acme-challenge.{ZONE}") == set()

@@ -20,11 +20,11 @@ from acme_registry.dnsconfig import (
 from acme_registry.dnspropagation import PropagationChecker
 from acme_registry.dnsproviders import DnsError, ExecProvider, Rfc2136Provider
 from tests.support.bind import (
-    NSUPDATE,
     BindServer,
     TestZone,
     free_dns_port,
     start_bind_servers,
+    write_nsupdate_hook,
 )
 
 ZONE = "example.test"
@@ -168,24 +168,6 @@ def test_rfc2136_server_not_answering(tmp_path):
 
 # -- exec ----------------------------------------------------------------------------------
 
-NSUPDATE_HOOK = f"""#!/bin/sh
-# A DNS_EXEC_COMMAND as an operator would write it: lego's convention, nsupdate underneath.
-set -eu
-action="$1" fqdn="$2" value="$3"
-case "$action" in
-  present) verb=add; ttl=60 ;;
-  cleanup) verb=delete; ttl= ;;
-  *) echo "unknown action $action" >&2; exit 64 ;;
-esac
-{{
-  echo "server $HOOK_SERVER $HOOK_PORT"
-  echo "key $HOOK_KEY"
-  echo "update $verb $fqdn $ttl TXT \\"$value\\""
-  echo "send"
-}} | {NSUPDATE}
-echo "$action $fqdn" >> "$HOOK_LOG"
-"""
-
 
 def hook(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "dns-hook"
@@ -195,20 +177,11 @@ def hook(tmp_path: Path, text: str) -> Path:
 
 
 def test_exec_provider_through_nsupdate(tmp_path, primary):
-    script = hook(tmp_path, NSUPDATE_HOOK)
+    script, env = write_nsupdate_hook(tmp_path / "hook", primary)
     settings = load_dns_settings(
         {"ACME_CHALLENGE": "dns-01", "DNS_PROVIDER": "exec", "DNS_EXEC_COMMAND": str(script)}
     ).provider
     assert isinstance(settings, ExecSettings)
-    key = primary.zone.key
-    log = tmp_path / "hook.log"
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOOK_SERVER": primary.address,
-        "HOOK_PORT": str(primary.port),
-        "HOOK_KEY": f"{key.algorithm}:{key.name} {key.secret}",
-        "HOOK_LOG": str(log),
-    }
     provider = ExecProvider(settings.command, env=env)
     provider.present(RECORD, "first")
     provider.present(RECORD, "second")
@@ -216,7 +189,7 @@ def test_exec_provider_through_nsupdate(tmp_path, primary):
     provider.cleanup(RECORD, "first")
     assert primary.txt(RECORD) == {"second"}
     # lego's convention: the name is absolute.
-    assert log.read_text().splitlines()[0] == f"present {RECORD}."
+    assert Path(env["HOOK_LOG"]).read_text().splitlines()[0] == f"present {RECORD}."
 
 
 def test_exec_provider_failure_carries_status_and_stderr(tmp_path):

@@ -319,3 +319,42 @@ def free_dns_port(addresses: Iterable[str]) -> int:
         if port_free_on(wanted, port):
             return port
     raise RuntimeError(f"no port free on all of {wanted}")
+
+
+# A DNS_EXEC_COMMAND as an operator would write it: lego's convention, nsupdate underneath.
+NSUPDATE_HOOK = f"""#!/bin/sh
+set -eu
+action="$1" fqdn="$2" value="$3"
+case "$action" in
+  present) verb=add; ttl=60 ;;
+  cleanup) verb=delete; ttl= ;;
+  *) echo "unknown action $action" >&2; exit 64 ;;
+esac
+{{
+  echo "server $HOOK_SERVER $HOOK_PORT"
+  echo "key $HOOK_KEY"
+  echo "update $verb $fqdn $ttl TXT \\"$value\\""
+  echo "send"
+}} | {NSUPDATE}
+echo "$action $fqdn" >> "$HOOK_LOG"
+"""
+
+
+def write_nsupdate_hook(directory: Path, server: BindServer) -> tuple[Path, dict[str, str]]:
+    """An exec-provider script updating ``server`` with nsupdate, and the environment it needs.
+
+    The script appends "<action> <fqdn>" to the file named by HOOK_LOG after each success.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "dns-hook"
+    script.write_text(NSUPDATE_HOOK)
+    script.chmod(0o755)
+    key = server.zone.key
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOOK_SERVER": server.address,
+        "HOOK_PORT": str(server.port),
+        "HOOK_KEY": f"{key.algorithm}:{key.name} {key.secret}",
+        "HOOK_LOG": str(directory / "hook.log"),
+    }
+    return script, env
