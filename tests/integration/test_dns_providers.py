@@ -23,6 +23,7 @@ from tests.support.bind import (
     BindServer,
     TestZone,
     free_dns_port,
+    port_free_on,
     start_bind_servers,
     write_nsupdate_hook,
 )
@@ -303,3 +304,22 @@ def test_unreachable_name_servers_are_reported(servers):
     with pytest.raises(DnsError) as error:
         propagation.wait_visible({RECORD: ["v"]}, timeout=1)
     assert "no answer" in str(error.value) or "refused" in str(error.value).lower()
+
+
+def test_authoritative_check_on_port_53_as_in_production(tmp_path, zone):
+    """The default port, no override: BIND on 127.0.0.1:53 and [::1]:53 (tests run as root)."""
+    if not port_free_on(ADDRESSES, 53):
+        pytest.fail("port 53 is taken on 127.0.0.1 or ::1: stop the local DNS server there")
+    servers = start_bind_servers(tmp_path / "bind53", zone, 53)
+    try:
+        first, second = servers
+        settings = PropagationSettings(resolvers=(HostPort(first.address, 53),), timeout=30)
+        propagation = PropagationChecker(settings, poll_interval=0.2)
+        assert propagation.authoritative_port == 53
+        Rfc2136Provider(rfc2136_settings(first)).present(RECORD, "on-53")
+        assert not propagation.check({RECORD: ["on-53"]}).visible
+        second.add_txt(RECORD, "on-53")
+        assert propagation.wait_visible({RECORD: ["on-53"]}).visible
+    finally:
+        for server in servers:
+            server.stop()
