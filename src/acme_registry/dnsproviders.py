@@ -40,6 +40,15 @@ DEFAULT_TTL = 60
 DEFAULT_QUERY_TIMEOUT = 10.0
 DEFAULT_EXEC_TIMEOUT = 120.0
 STDERR_TAIL_CHARS = 400
+# The agent's own secrets, kept out of an exec hook's environment (it brings its own).
+EXEC_HIDDEN_VARIABLES = (
+    "ACME_EAB_HMAC_KEY",
+    "ACME_EAB_HMAC_KEY_FILE",
+    "DNS_RFC2136_TSIG_SECRET",
+    "DNS_RFC2136_TSIG_SECRET_FILE",
+    "AUTH_USERS",
+    "AUTH_USERS_FILE",
+)
 # TXT character-strings hold at most 255 bytes each; longer values are split (and the
 # reader joins them, as RFC 7208 3.3 and the ACME drafts say).
 TXT_STRING_MAX = 255
@@ -239,8 +248,10 @@ class ExecProvider:
     ) -> None:
         self.command = command
         self.timeout = timeout
-        # The script usually needs its own credentials from the environment, as lego's does.
-        self.env = dict(os.environ if env is None else env)
+        # The script usually needs its own credentials from the environment, as lego's does;
+        # it gets everything but the agent's own secrets.
+        source = os.environ if env is None else env
+        self.env = {k: v for k, v in source.items() if k not in EXEC_HIDDEN_VARIABLES}
 
     def __repr__(self) -> str:
         return f"ExecProvider({self.command})"

@@ -323,3 +323,13 @@ def test_authoritative_check_on_port_53_as_in_production(tmp_path, zone):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_exec_provider_environment_lacks_the_agents_secrets(tmp_path):
+    out = tmp_path / "env.txt"
+    script = hook(tmp_path, f"#!/bin/sh\nenv > {out}\n")
+    env = {"PATH": "/usr/bin:/bin", "HOOK_TOKEN": "t", "ACME_EAB_HMAC_KEY": "k", "AUTH_USERS": "u"}
+    ExecProvider(script, env=env).present(RECORD, "x")
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert seen["HOOK_TOKEN"] == "t"
+    assert "ACME_EAB_HMAC_KEY" not in seen and "AUTH_USERS" not in seen
