@@ -9,6 +9,8 @@ records can have validated the names.
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -241,3 +243,70 @@ def test_dns01_through_an_exec_hook_calling_nsupdate(tmp_path, pebble, bind):
         [f"present _acme-challenge.{ZONE}."] * 2 + [f"cleanup _acme-challenge.{ZONE}."] * 2
     )
     assert bind.txt(f"_acme-challenge.{ZONE}") == set()
+
+
+def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
+    """Pebble asks only the second server, which gets the records a while after the first:
+    the certificate is issued because the CA was told to validate only once both had them."""
+    zone = TestZone(ZONE, ("127.0.0.1", "::1"))
+    first, second = start_bind_servers(tmp_path / "two", zone, free_dns_port(["127.0.0.1", "::1"]))
+    pebble = PebbleWithDns(
+        tmp_path / "pebble-two",
+        second.server,
+        config_overrides={"profiles": PEBBLE_PROFILES},
+        env={"PEBBLE_AUTHZREUSE": "0"},
+    )
+    record = f"_acme-challenge.{ZONE}"
+    copied = threading.Event()
+    stop = threading.Event()
+
+    def propagate_later() -> None:
+        # A slow secondary: whatever the first server holds reaches the second 1 s later.
+        while not stop.is_set():
+            values = first.txt(record)
+            if len(values) == 2:
+                time.sleep(1.0)
+                for value in values:
+                    second.add_txt(record, value)
+                copied.set()
+                return
+            time.sleep(0.1)
+
+    class RecordingChecker:
+        def __init__(self, inner: PropagationChecker) -> None:
+            self.inner = inner
+            self.returned_after_copy: bool | None = None
+
+        def wait_visible(self, wanted, timeout=None):
+            result = self.inner.wait_visible(wanted, timeout=timeout)
+            self.returned_after_copy = copied.is_set()
+            return result
+
+    thread = threading.Thread(target=propagate_later)
+    try:
+        pebble.start()
+        key = zone.key
+        provider = Rfc2136Provider(
+            Rfc2136Settings(
+                server=HostPort(first.address, first.port), key_name=key.name, secret=key.secret
+            )
+        )
+        checker = RecordingChecker(
+            PropagationChecker(
+                PropagationSettings(resolvers=(HostPort(first.address, first.port),)),
+                authoritative_port=first.port,
+                poll_interval=0.2,
+            )
+        )
+        acme, _ = acme_client(pebble)
+        thread.start()
+        order, _ = dns01_order(acme, provider, checker, NAMES)  # type: ignore[arg-type]
+        assert checker.returned_after_copy is True
+        assert_certificate(order.fullchain_pem, pebble, NAMES)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        pebble.stop()
+        first.stop()
+        second.stop()
