@@ -68,14 +68,17 @@ def parse(header: bytes, body: bytes) -> ProxyHeader:
         raise ProxyProtocolError("PROXY header body has the wrong length")
     if header[12] == _LOCAL:
         return ProxyHeader(source=None)
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
     if header[13] == _TCP4:
         src, dst = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
         sport, dport = struct.unpack("!HH", body[8:12])
     else:
-        src, dst = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
+        src6 = ipaddress.IPv6Address(body[0:16])
+        dst = ipaddress.IPv6Address(body[16:32])
         sport, dport = struct.unpack("!HH", body[32:36])
         # An IPv4 client through an IPv6 balancer: throttle it as the IPv4 address it is.
-        src = src.ipv4_mapped or src
+        src = src6.ipv4_mapped or src6
     return ProxyHeader(source=(str(src), sport), destination=(str(dst), dport))
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -194,62 +196,85 @@ class TokenHTTPServer:
         self.handler = handler
         self.certificate = certificate
         self.proxy_protocol = proxy_protocol
-        self._server: asyncio.Server | None = None
-        self._connections = 0
-        self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._listeners: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._connections: dict[asyncio.Task[None], socket.socket] = {}
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         """Bind and listen (host "" = every address, IPv6 and IPv4); the bound addresses."""
-        self._server = await asyncio.start_server(
-            self._connection, host or None, port, limit=MAX_HEAD, reuse_address=True
-        )
-        return [sock.getsockname()[:2] for sock in self._server.sockets]
+        self._listeners = [_listen(host, port)]
+        loop = asyncio.get_running_loop()
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in self._listeners]
+        return [sock.getsockname()[:2] for sock in self._listeners]
 
     async def close(self) -> None:
         """Stop listening and end open connections (keep-alive ones would wait 30 s)."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        tasks = list(self._tasks)
-        for writer in self._tasks.values():
-            # Aborting ends the task's read at once; no TLS close_notify with an idle client.
-            writer.transport.abort()
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        for sock in self._listeners:
+            sock.close()
+        tasks = list(self._connections)
+        for sock in self._connections.values():
+            # Shutting the socket down ends the task's read at once: no TLS close_notify
+            # exchange with an idle keep-alive client.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._connections >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._connections += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks[task] = writer
+    async def _accept(self, listener: socket.socket) -> None:
+        # Accepting raw sockets (not asyncio.start_server's streams) lets the PROXY header be
+        # read to its last byte and no further: the TLS ClientHello right behind it must
+        # reach the TLS layer, not sit in a stream's buffer.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: wait instead of spinning
+                log.warning("token: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._connections) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            task = loop.create_task(self._connection(sock, client_address(str(peer[0]))))
+            self._connections[task] = sock
+            task.add_done_callback(lambda t: self._connections.pop(t, None))
+
+    async def _connection(self, sock: socket.socket, client: str) -> None:
+        loop = asyncio.get_running_loop()
+        writer: asyncio.StreamWriter | None = None
         try:
-            peer = writer.get_extra_info("peername")
-            client = client_address(str(peer[0])) if peer else "unknown"
+            sock.setblocking(False)
             if self.proxy_protocol:
-                client = await self._proxy_client(reader, client)
-            await writer.start_tls(
-                self.certificate.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                client = await asyncio.wait_for(self._proxy_client(sock, client), HEAD_TIMEOUT)
+            reader = asyncio.StreamReader(limit=MAX_HEAD)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=self.certificate.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self._serve(reader, writer, client)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
-            log.debug("token: connection ended: %s", type(exc).__name__)
+            log.debug("token: connection from %s ended: %s", client, type(exc).__name__)
         except proxyproto.ProxyProtocolError as exc:
             log.warning("token: connection without a valid PROXY header closed: %s", exc)
         finally:
-            self._connections -= 1
-            if task is not None:
-                self._tasks.pop(task, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1)
+            else:
+                sock.close()
 
-    async def _proxy_client(self, reader: asyncio.StreamReader, peer: str) -> str:
-        header = await asyncio.wait_for(reader.readexactly(proxyproto.HEADER_LENGTH), HEAD_TIMEOUT)
-        length = proxyproto.body_length(header)
-        body = await asyncio.wait_for(reader.readexactly(length), HEAD_TIMEOUT)
+    @staticmethod
+    async def _proxy_client(sock: socket.socket, peer: str) -> str:
+        header = await _recv_exactly(sock, proxyproto.HEADER_LENGTH)
+        body = await _recv_exactly(sock, proxyproto.body_length(header))
         parsed = proxyproto.parse(header, body)
         return client_address(parsed.source[0]) if parsed.source else peer
 
@@ -288,6 +313,46 @@ class TokenHTTPServer:
     async def _send(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
         writer.write(render(response, keep_alive))
         await writer.drain()
+
+
+async def _recv_exactly(sock: socket.socket, count: int) -> bytes:
+    """Exactly ``count`` bytes (never more: the rest of the stream is not ours to read)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < count:
+        chunk = await loop.sock_recv(sock, count - len(data))
+        if not chunk:
+            raise proxyproto.ProxyProtocolError("connection closed inside the PROXY header")
+        data += chunk
+    return data
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket: "" is every address (one dual-stack IPv6 socket, or IPv4 only
+    where the host has no IPv6)."""
+    if host:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        addresses: list[tuple[socket.AddressFamily, str]] = [(family, host)]
+    else:
+        addresses = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    error: OSError | None = None
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and not host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((address, port))
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE or host:
+                raise
+            error = exc
+    assert error is not None
+    raise error
 
 
 class ThreadedServer:
