@@ -67,8 +67,13 @@ class TokenStack:
         proxy_protocol: bool = False,
         checker: PasswordChecker | None = None,
         throttle: LoginThrottle | None = None,
+        storage: Path | None = None,
+        ca: TestCA | None = None,
+        access_log: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
+        self.storage = storage or self.workdir / "storage"
+        self.access_log = access_log
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
         self.hashes = {
@@ -78,7 +83,7 @@ class TokenStack:
         self.policy: Policy = policy.parse_policy(policy_text, "test policy")
         self.runtime: dict[str, Grants] = {}
         self.anonymous_pull = anonymous_pull
-        self.ca = TestCA()
+        self.ca = ca or TestCA()
         self.keyring = Keyring.create(dt.datetime.now(dt.UTC))
         self.counters = Counters()
         self.registry_port, self.token_port = free_ports(2)
@@ -127,8 +132,8 @@ class TokenStack:
         bundle.write_bytes(bundle_pem)
         config: dict[str, Any] = {
             "version": 0.1,
-            "log": {"level": "info", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "storage")}},
+            "log": {"level": "info", "accesslog": {"disabled": not self.access_log}},
+            "storage": {"filesystem": {"rootdirectory": str(self.storage)}},
             "http": {
                 "addr": f"127.0.0.1:{self.registry_port}",
                 "secret": "test-http-secret",
