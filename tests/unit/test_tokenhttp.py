@@ -79,3 +79,24 @@ def test_client_address() -> None:
     assert client_address("::1") == "::1"
     assert client_address("fe80::1%eth0") == "fe80::1"
     assert client_address("127.0.0.1") == "127.0.0.1"
+
+
+def test_a_taken_port_fails_in_the_caller(tmp_path) -> None:
+    import socket
+
+    from acme_registry.tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
+    from tests.support.tls import TestCA
+
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(TestCA().issue(["registry.test"]))
+
+    async def handler(request: Request, client: str) -> Response:
+        return Response(200)
+
+    server = TokenHTTPServer(handler, ServerCertificate(pem))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="in use"):
+            ThreadedServer(server, "127.0.0.1", port).start()
