@@ -122,6 +122,15 @@ def test_delete_only_where_granted(stack: TokenStack, oci_image: Path, tmp_path:
     )
     assert status == 404
 
+    # skopeo's own delete (it asks for its scope itself): refused, then allowed.
+    ci.push(oci_image, "v1", stack.ref("team/tmp/b", "v2"))
+    ci.push(oci_image, "v1", stack.ref("team/keep", "v2"))
+    with pytest.raises(AssertionError):
+        ci.run("delete", "--tls-verify=true", "--cert-dir", str(ci.cert_dir), "--creds",
+               creds("ci"), f"docker://{stack.ref('team/keep', 'v2')}")  # fmt: skip
+    ci.run("delete", "--tls-verify=true", "--cert-dir", str(ci.cert_dir), "--creds",
+           creds("ci"), f"docker://{stack.ref('team/tmp/b', 'v2')}")  # fmt: skip
+
 
 def test_catalog_needs_the_grant(stack: TokenStack, oci_image: Path, tmp_path: Path) -> None:
     stack.skopeo(tmp_path / "ci", creds("ci")).push(oci_image, "v1", stack.ref("team/app"))
