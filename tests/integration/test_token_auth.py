@@ -339,3 +339,21 @@ def _write(path: Path, data: bytes) -> Path:
 
 def _b64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_no_secret_in_logs(stack: TokenStack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="acme_registry")
+    secret = "Sup3r-secret-guess"
+    assert stack.token_request("GET", f"service={NAME}", creds=("ci", secret))[0] == 401
+    status, _, body = stack.token_request(
+        "GET", f"service={NAME}&offline_token=true", creds=("ci", USERS["ci"])
+    )
+    assert status == 200
+    refresh = body["refresh_token"]
+    stack.hashes["ci"] = stack.hashes["node"]  # the password changes: the refresh token dies
+    form = f"grant_type=refresh_token&refresh_token={refresh}&service={NAME}"
+    assert stack.token_request("POST", form=form)[0] == 401
+    text = caplog.text
+    assert "login failed for 'ci'" in text  # the failures are logged...
+    for value in (secret, USERS["ci"], refresh, body["token"]):  # ...without their secrets
+        assert value not in text
