@@ -1,0 +1,392 @@
+"""Registry tokens: ES256 JWTs with an ``x5c`` header, the signing keyring, refresh tokens.
+
+**Access tokens** follow distribution's "Token Authentication Specification": a compact JWS
+signed with ES256 whose header carries ``x5c`` (the signing certificate, DER in base64).
+The registry (2.8 and 3.x) verifies that certificate against ``auth.token.rootcertbundle``,
+then the signature with the certificate's key, then ``iss``, ``aud`` (its ``service``),
+``exp`` and ``nbf`` (each with 60 s of leeway). Signing uses ``cryptography`` directly: a
+JWS is three base64url parts and one ECDSA signature, less code than a JWT library's
+options, and no new dependency.
+
+**The keyring** (:class:`Keyring`) holds the signing key (EC P-256) and its self-signed
+certificate, valid :data:`CERT_LIFETIME` (one year). Rollover, without a refused token:
+
+1. :data:`NEXT_KEY_LEAD` (30 days) before the current certificate expires,
+   :meth:`Keyring.advance` creates the next key and certificate. The root bundle
+   (:meth:`Keyring.bundle_pem`) now holds both; the current key still signs.
+2. The registry reads its root bundle only when it starts, so the agent starts a registry
+   generation with the new bundle (a rotation, as for a new TLS certificate) and then calls
+   :meth:`Keyring.mark_served` with :meth:`Keyring.bundle_digest`.
+3. The next :meth:`Keyring.advance` after that switches: the next key signs, and the old
+   certificate stays in the bundle until it expires (30 days on), far longer than any token
+   it signed lives.
+
+A keyring whose current certificate has expired (the agent was off for a month) switches
+to a fresh key at once: tokens signed by an expired certificate are refused anyway.
+
+The keyring is stored as one JSON object (keys in PEM, so the object is secret: 0600)
+through :class:`SecretBlob`, a two-method interface (``load() -> bytes | None``,
+``store(bytes)``): :class:`FileBlob` keeps it in a file; the storage seam can hold it too.
+
+**Refresh tokens** (``access_type=offline``; docker keeps one as its identity token) are
+``base64url(claims).base64url(HMAC-SHA256)`` under a secret kept in the keyring, with the
+user's name, the service, an expiry (:data:`REFRESH_LIFETIME`, 90 days from the login)
+and a digest of the user's password hash at the time. :meth:`RefreshTokens.verify` takes
+the user's *current* hash: a changed password or a removed user invalidates the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+CERT_LIFETIME = dt.timedelta(days=365)
+NEXT_KEY_LEAD = dt.timedelta(days=30)
+# Clocks of the registry and the agent are the same host's, but a restored backup or a
+# replica may be off: the certificate starts an hour early.
+BACKDATE = dt.timedelta(hours=1)
+REFRESH_LIFETIME = dt.timedelta(days=90)
+KEYRING_VERSION = 1
+SIGNER_NAME = "acme-registry token signer"
+
+
+class TokenError(ValueError):
+    """A token or the keyring is unusable; ``str()`` never holds a key or a token."""
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    if not text or any(c not in _B64URL for c in text):
+        raise TokenError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+# -- signing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One EC P-256 key and its self-signed certificate."""
+
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    cert: x509.Certificate
+
+    @classmethod
+    def generate(cls, now: dt.datetime, lifetime: dt.timedelta = CERT_LIFETIME) -> SigningKey:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SIGNER_NAME)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """The compact JWS of ``claims``: header.claims.signature, ES256, ``x5c``."""
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.cert_der).decode()]}
+        signing_input = f"{b64url(_json(header))}.{b64url(_json(claims))}"
+        der = self.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        # JWS wants R || S, 32 bytes each, not the DER that cryptography produces.
+        return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def _to_json(self) -> dict[str, str]:
+        key_pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return {"key": key_pem.decode(), "cert": self.cert_pem.decode()}
+
+    @classmethod
+    def _from_json(cls, obj: Any) -> SigningKey:
+        key = serialization.load_pem_private_key(str(obj["key"]).encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise TokenError("the signing key is not EC P-256")
+        cert = x509.load_pem_x509_certificate(str(obj["cert"]).encode())
+        if cert.public_key() != key.public_key():
+            raise TokenError("the signing certificate does not match its key")
+        return cls(key, cert)
+
+
+def access_claims(
+    *,
+    issuer: str,
+    subject: str,
+    audience: str,
+    access: Sequence[dict[str, Any]],
+    now: dt.datetime,
+    ttl: dt.timedelta,
+) -> dict[str, Any]:
+    """The claim set of an access token. ``aud`` is one string: 2.8 reads no list."""
+    issued = int(now.timestamp())
+    return {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "exp": issued + int(ttl.total_seconds()),
+        "nbf": issued,
+        "iat": issued,
+        "jti": secrets.token_urlsafe(16),
+        "access": list(access),
+    }
+
+
+# -- the keyring -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The signing key, the next one during a rollover, and retired certificates."""
+
+    current: SigningKey
+    next: SigningKey | None = None
+    retired: tuple[x509.Certificate, ...] = ()
+    served_bundle: str = ""  # bundle_digest() a registry generation has started with
+    refresh_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    @classmethod
+    def create(cls, now: dt.datetime) -> Keyring:
+        return cls(current=SigningKey.generate(now))
+
+    def bundle_certs(self, now: dt.datetime) -> list[x509.Certificate]:
+        certs = [self.current.cert]
+        if self.next is not None:
+            certs.append(self.next.cert)
+        certs += [c for c in self.retired if c.not_valid_after_utc > now]
+        return certs
+
+    def bundle_pem(self, now: dt.datetime) -> bytes:
+        """What ``auth.token.rootcertbundle`` must hold now."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.bundle_certs(now))
+
+    def bundle_digest(self, now: dt.datetime) -> str:
+        return hashlib.sha256(self.bundle_pem(now)).hexdigest()
+
+    def mark_served(self, digest: str) -> Keyring:
+        """Record that a registry generation runs with the bundle of ``digest``."""
+        return replace(self, served_bundle=digest)
+
+    def advance(
+        self,
+        now: dt.datetime,
+        generate: Callable[[dt.datetime], SigningKey] = SigningKey.generate,
+    ) -> Keyring:
+        """The keyring as it should be at ``now`` (itself when nothing is due).
+
+        When the result's bundle differs from the one served, the caller writes it and
+        starts a registry generation with it, then calls :meth:`mark_served`.
+        """
+        ring = self
+        if ring.current.not_after <= now:
+            # Expired: nothing it signs is accepted, so waiting for a bundle buys nothing.
+            fresh = ring.next if ring.next is not None and ring.next.not_after > now else None
+            ring = replace(ring, current=fresh or generate(now), next=None)
+        elif ring.next is None and now >= ring.current.not_after - NEXT_KEY_LEAD:
+            ring = replace(ring, next=generate(now))
+        elif ring.next is not None and ring.served_bundle == ring.bundle_digest(now):
+            # The registry trusts the next certificate: switch, keep the old one trusted.
+            ring = replace(
+                ring,
+                current=ring.next,
+                next=None,
+                retired=(*ring.retired, ring.current.cert),
+            )
+        kept = tuple(c for c in ring.retired if c.not_valid_after_utc > now)
+        return ring if kept == ring.retired else replace(ring, retired=kept)
+
+    def to_bytes(self) -> bytes:
+        obj = {
+            "version": KEYRING_VERSION,
+            "current": self.current._to_json(),
+            "next": self.next._to_json() if self.next else None,
+            "retired": [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.retired],
+            "served_bundle": self.served_bundle,
+            "refresh_secret": b64url(self.refresh_secret),
+        }
+        return json.dumps(obj, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Keyring:
+        try:
+            obj = json.loads(data)
+            if obj.get("version") != KEYRING_VERSION:
+                raise TokenError(f"keyring version {obj.get('version')!r} is not supported")
+            return cls(
+                current=SigningKey._from_json(obj["current"]),
+                next=SigningKey._from_json(obj["next"]) if obj.get("next") else None,
+                retired=tuple(
+                    x509.load_pem_x509_certificate(str(pem).encode()) for pem in obj["retired"]
+                ),
+                served_bundle=str(obj.get("served_bundle", "")),
+                refresh_secret=b64url_decode(str(obj["refresh_secret"])),
+            )
+        except TokenError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # The message of a PEM or JSON error could quote key material: name the kind only.
+            raise TokenError(f"the keyring is unreadable ({type(exc).__name__})") from None
+
+
+class SecretBlob(Protocol):
+    """Where the keyring lives: bytes in, bytes out, private (0600 or equivalent)."""
+
+    def load(self) -> bytes | None: ...
+
+    def store(self, data: bytes) -> None: ...
+
+
+class FileBlob:
+    """A :class:`SecretBlob` in one file: written 0600 by rename, folder made 0700."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def store(self, data: bytes) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keyring-")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_keyring(blob: SecretBlob, now: dt.datetime) -> Keyring:
+    """The stored keyring advanced to ``now``; created (and stored) on first use."""
+    data = blob.load()
+    ring = Keyring.create(now) if data is None else Keyring.from_bytes(data)
+    advanced = ring.advance(now)
+    if data is None or advanced != ring:
+        blob.store(advanced.to_bytes())
+    return advanced
+
+
+# -- refresh tokens ----------------------------------------------------------------------
+
+
+def password_digest(password_hash: str) -> str:
+    """A digest of the stored hash: in the token instead of the hash itself."""
+    return hashlib.sha256(b"acme-registry refresh\0" + password_hash.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class RefreshTokens:
+    """Issue and check refresh tokens under ``secret`` (the keyring's)."""
+
+    secret: bytes = field(repr=False)
+    lifetime: dt.timedelta = REFRESH_LIFETIME
+
+    def issue(self, user: str, password_hash: str, service: str, now: dt.datetime) -> str:
+        claims = {
+            "sub": user,
+            "aud": service,
+            "pwd": password_digest(password_hash),
+            "exp": int((now + self.lifetime).timestamp()),
+            "jti": secrets.token_urlsafe(12),
+        }
+        body = b64url(_json(claims))
+        return f"{body}.{self._mac(body)}"
+
+    def verify(
+        self,
+        token: str,
+        service: str,
+        now: dt.datetime,
+        current_hash: Callable[[str], str | None],
+    ) -> str:
+        """The user ``token`` stands for; TokenError when forged, expired, for another
+        service, or when the user is gone or its password changed since."""
+        body, dot, mac = token.partition(".")
+        if (
+            not dot
+            or len(token) > 1024
+            or not token.isascii()
+            or not hmac.compare_digest(mac, self._mac(body))
+        ):
+            raise TokenError("invalid refresh token")
+        try:
+            claims = json.loads(b64url_decode(body))
+            user, audience, digest, expiry = (
+                str(claims["sub"]),
+                str(claims["aud"]),
+                str(claims["pwd"]),
+                int(claims["exp"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise TokenError("invalid refresh token") from None
+        if audience != service:
+            raise TokenError("refresh token for another service")
+        if now.timestamp() >= expiry:
+            raise TokenError("refresh token expired")
+        stored = current_hash(user)
+        if stored is None or not hmac.compare_digest(password_digest(stored), digest):
+            raise TokenError("refresh token no longer valid (user removed or password changed)")
+        return user
+
+    def _mac(self, body: str) -> str:
+        return b64url(hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest())

@@ -1,0 +1,207 @@
+"""Token signing, the keyring's rollover, its storage and refresh tokens."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from acme_registry import tokens
+from acme_registry.tokens import (
+    CERT_LIFETIME,
+    NEXT_KEY_LEAD,
+    FileBlob,
+    Keyring,
+    RefreshTokens,
+    SigningKey,
+    TokenError,
+    access_claims,
+    b64url_decode,
+    load_keyring,
+)
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def decode(token: str) -> tuple[dict, dict, bytes]:
+    header, claims, signature = token.split(".")
+    return (
+        json.loads(b64url_decode(header)),
+        json.loads(b64url_decode(claims)),
+        (b64url_decode(signature)),
+    )
+
+
+def verify(token: str, cert: x509.Certificate) -> None:
+    """What the registry does: the key from x5c, then an ES256 check of R || S."""
+    header, _, signature = decode(token)
+    assert header["alg"] == "ES256"
+    x5c = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+    assert x5c == cert
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    public = x5c.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(
+        encode_dss_signature(r, s),
+        token.rpartition(".")[0].encode(),
+        ec.ECDSA(hashes.SHA256()),
+    )
+
+
+def test_signed_token_verifies_and_carries_the_claims() -> None:
+    key = SigningKey.generate(NOW)
+    claims = access_claims(
+        issuer="iss",
+        subject="ci",
+        audience="registry.test",
+        access=[{"type": "repository", "name": "a", "actions": ["pull"]}],
+        now=NOW,
+        ttl=dt.timedelta(minutes=5),
+    )
+    token = key.sign(claims)
+    verify(token, key.cert)
+    header, decoded, signature = decode(token)
+    assert header["typ"] == "JWT"
+    assert len(signature) == 64
+    assert decoded == claims
+    assert decoded["exp"] - decoded["iat"] == 300 and decoded["nbf"] == decoded["iat"]
+    assert decoded["aud"] == "registry.test"  # a string: registry 2.8 reads no list
+    assert len(decoded["jti"]) >= 16
+
+
+def test_signing_certificate() -> None:
+    key = SigningKey.generate(NOW)
+    assert key.cert.not_valid_after_utc - NOW == CERT_LIFETIME
+    assert key.cert.not_valid_before_utc < NOW
+    assert key.key.curve.name == "secp256r1"
+
+
+def test_rollover_keeps_every_token_verifiable() -> None:
+    ring = Keyring.create(NOW)
+    first = ring.current
+    assert ring.advance(NOW + dt.timedelta(days=300)) is ring  # nothing due yet
+
+    lead = first.not_after - NEXT_KEY_LEAD
+    ring = ring.advance(lead)
+    assert ring.current is first and ring.next is not None
+    second = ring.next
+    bundle = ring.bundle_certs(lead)
+    assert bundle == [first.cert, second.cert]
+
+    # Not served yet: the old key keeps signing, however often advance() runs.
+    later = lead + dt.timedelta(days=5)
+    assert ring.advance(later).current is first
+
+    ring = ring.mark_served(ring.bundle_digest(later)).advance(later)
+    assert ring.current is second and ring.next is None
+    # The old certificate stays trusted until it expires: tokens it signed keep working.
+    assert ring.bundle_certs(later) == [second.cert, first.cert]
+    after_expiry = first.not_after + dt.timedelta(seconds=1)
+    ring = ring.advance(after_expiry)
+    assert ring.retired == ()
+    assert ring.bundle_certs(after_expiry) == [second.cert]
+
+
+def test_expired_keyring_switches_at_once() -> None:
+    ring = Keyring.create(NOW)
+    much_later = NOW + CERT_LIFETIME + dt.timedelta(days=10)
+    ring2 = ring.advance(much_later)
+    assert ring2.current is not ring.current
+    assert ring2.current.not_after > much_later
+
+
+def test_keyring_round_trip_and_file(tmp_path: Path) -> None:
+    blob = FileBlob(tmp_path / "token" / "keyring.json")
+    assert blob.load() is None
+    ring = load_keyring(blob, NOW)
+    path = tmp_path / "token" / "keyring.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    again = load_keyring(blob, NOW)
+    assert again.current.cert == ring.current.cert
+    assert again.refresh_secret == ring.refresh_secret
+    # A rollover is stored by the next load.
+    lead = ring.current.not_after - NEXT_KEY_LEAD
+    rolled = load_keyring(blob, lead)
+    assert rolled.next is not None
+    assert Keyring.from_bytes(path.read_bytes()).next is not None
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"{", b'{"version": 2}', b'{"version": 1}', b'{"version": 1, "current": 3}']
+)
+def test_unreadable_keyring(data: bytes) -> None:
+    with pytest.raises(TokenError):
+        Keyring.from_bytes(data)
+
+
+def test_keyring_error_never_quotes_key_material() -> None:
+    ring = Keyring.create(NOW)
+    obj = json.loads(ring.to_bytes())
+    obj["current"]["key"] = obj["current"]["key"][:-40] + "garbage-----END PRIVATE KEY-----\n"
+    with pytest.raises(TokenError) as info:
+        Keyring.from_bytes(json.dumps(obj).encode())
+    assert "PRIVATE" not in str(info.value) and "garbage" not in str(info.value)
+
+
+def test_mismatched_certificate_is_refused() -> None:
+    ring = Keyring.create(NOW)
+    obj = json.loads(ring.to_bytes())
+    other = Keyring.create(NOW)
+    obj["current"]["cert"] = json.loads(other.to_bytes())["current"]["cert"]
+    with pytest.raises(TokenError, match="does not match"):
+        Keyring.from_bytes(json.dumps(obj).encode())
+
+
+# -- refresh tokens ----------------------------------------------------------------------
+
+HASH = "$2b$10$" + "a" * 53
+
+
+def test_refresh_token_round_trip() -> None:
+    refresh = RefreshTokens(b"k" * 32)
+    token = refresh.issue("ci", HASH, "registry.test", NOW)
+    assert refresh.verify(token, "registry.test", NOW, {"ci": HASH}.get) == "ci"
+    assert "ci" not in token.split(".")[1]  # the MAC part
+
+
+def test_refresh_token_invalidated() -> None:
+    refresh = RefreshTokens(b"k" * 32)
+    token = refresh.issue("ci", HASH, "registry.test", NOW)
+    new_hash = "$2b$10$" + "b" * 53
+    with pytest.raises(TokenError, match="password changed"):
+        refresh.verify(token, "registry.test", NOW, {"ci": new_hash}.get)
+    with pytest.raises(TokenError, match="user removed"):
+        refresh.verify(token, "registry.test", NOW, {}.get)
+    with pytest.raises(TokenError, match="expired"):
+        refresh.verify(token, "registry.test", NOW + tokens.REFRESH_LIFETIME, {"ci": HASH}.get)
+    with pytest.raises(TokenError, match="another service"):
+        refresh.verify(token, "other", NOW, {"ci": HASH}.get)
+    with pytest.raises(TokenError, match="invalid"):
+        RefreshTokens(b"x" * 32).verify(token, "registry.test", NOW, {"ci": HASH}.get)
+
+
+@pytest.mark.parametrize("token", ["", ".", "abc", "a.b", "é.é", "x" * 2000 + ".y"])
+def test_garbage_refresh_tokens(token: str) -> None:
+    with pytest.raises(TokenError):
+        RefreshTokens(b"k" * 32).verify(token, "s", NOW, {"ci": HASH}.get)
+
+
+def test_forged_claims_fail_the_mac() -> None:
+    refresh = RefreshTokens(b"k" * 32)
+    token = refresh.issue("ci", HASH, "s", NOW)
+    body, mac = token.split(".")
+    claims = json.loads(b64url_decode(body))
+    claims["sub"] = "admin"
+    forged = tokens.b64url(json.dumps(claims).encode()) + "." + mac
+    with pytest.raises(TokenError, match="invalid"):
+        refresh.verify(forged, "s", NOW, {"admin": HASH}.get)
