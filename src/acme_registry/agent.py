@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import socket
 import ssl
@@ -32,6 +31,7 @@ from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer
+from .outcome import FailureReason, IssuanceResult
 from .registry import RegistryGenerations, Supervisor, http_secret, render_config
 from .responder import ChallengeResponder
 from .storage import FileStorage, ensure_private_dir
@@ -228,15 +228,15 @@ class Agent:
             return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
 
         # "=" form: an ARI ID may start with "-", which argparse would take for an option.
-        answer = self._issue([f"--replaces={replaces}"] if replaces else [])
-        self._record_attempt(backoff, answer, now)
-        if answer.get("ok"):
+        result = self._issue([f"--replaces={replaces}"] if replaces else [])
+        self._record_attempt(backoff, result, now)
+        if result.ok:
             fresh, fresh_problem = self._current_pair(utcnow())
             if fresh is not None and fresh_problem is None:
                 self._serve(fresh)
         if renew is not None:
-            renew.finish(answer)
-        return 0.0 if answer.get("ok") else 1.0
+            renew.finish(result.answer())
+        return 0.0 if result.ok else 1.0
 
     def _maintain_own_certificate(self) -> float:
         """ACME off: serve TLS_CERT_FILE/TLS_KEY_FILE, rotating once a new pair settles."""
@@ -380,7 +380,7 @@ class Agent:
             self.generations.rotate()
             self.metrics.registry_started()
 
-    def _issue(self, extra: list[str], dry_run: bool = False) -> dict[str, Any]:
+    def _issue(self, extra: list[str], dry_run: bool = False) -> IssuanceResult:
         """Run one order in a child process; it stores the pair on success."""
         what = "a dry-run certificate" if dry_run else "a certificate"
         log.info("obtaining %s for %s", what, ", ".join(self.settings.domains))
@@ -392,36 +392,37 @@ class Agent:
             child = subprocess.run(
                 command, stdout=subprocess.PIPE, timeout=ISSUANCE_TIMEOUT, check=False
             )
-            answer = json.loads(child.stdout.decode().strip().splitlines()[-1])
-        except (subprocess.TimeoutExpired, ValueError, IndexError):
-            answer = {"ok": False, "error": "the issuing process gave no answer"}
+            lines = child.stdout.decode(errors="replace").strip().splitlines()
+            result = (
+                IssuanceResult.from_json(lines[-1])
+                if lines
+                else IssuanceResult.failure(
+                    "the issuing process gave no answer", FailureReason.OTHER
+                )
+            )
+        except subprocess.TimeoutExpired:
+            result = IssuanceResult.failure(
+                "the issuing process gave no answer", FailureReason.OTHER
+            )
         finally:
             if not dry_run:
                 self.challenges.clear()
-        if not isinstance(answer, dict):
-            answer = {"ok": False, "error": "the issuing process gave a malformed answer"}
         if not dry_run:
-            self.metrics.record_issuance(answer, time.monotonic() - started)
-        return answer
+            self.metrics.record_issuance(result, time.monotonic() - started)
+        return result
 
-    def _record_attempt(self, backoff: Backoff, answer: dict[str, Any], now: dt.datetime) -> None:
-        if answer.get("ok"):
+    def _record_attempt(self, backoff: Backoff, result: IssuanceResult, now: dt.datetime) -> None:
+        if result.ok:
             self._save_backoff(Backoff(last_attempt=now.isoformat(), config=self._config_id))
             return
         failures = backoff.failures + 1
         have_cert = self.certs.tls_file.exists()
-        retry_after = answer.get("retry_after")
-        when = schedule.next_attempt(
-            now,
-            failures,
-            have_cert,
-            dt.datetime.fromisoformat(retry_after) if retry_after else None,
-        )
+        when = schedule.next_attempt(now, failures, have_cert, result.retry_after)
         self._save_backoff(
             Backoff(
                 failures=failures,
                 last_attempt=now.isoformat(),
-                last_error=str(answer.get("error")),
+                last_error=result.error,
                 next_attempt=when.isoformat(),
                 config=self._config_id,
             )
@@ -429,7 +430,7 @@ class Agent:
         self._next_check = when
         log.error(
             "could not obtain a certificate: %s; next attempt at %s",
-            answer.get("error"),
+            result.error,
             f"{when:%Y-%m-%d %H:%M:%S} UTC",
         )
 
@@ -483,7 +484,7 @@ class Agent:
             error = "ACME_ENABLED=false: replace TLS_CERT_FILE and TLS_KEY_FILE instead"
             return {"ok": False, "error": error}
         if request.get("dry_run"):
-            return self._issue([], dry_run=True)
+            return self._issue([], dry_run=True).answer()
         renew = RenewRequest()
         self._renew_request = renew
         self._wake.set()

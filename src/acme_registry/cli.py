@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         from .launcher import launch
 
         return launch(settings)
-    from .issuer import obtain_and_store
+    from .issuer import run
 
-    result = obtain_and_store(settings, replaces=args.replaces, dry_run=args.dry_run)
-    print(json.dumps(result), flush=True)
-    return 0 if result["ok"] else 1
+    result = run(settings, replaces=args.replaces, dry_run=args.dry_run)
+    print(result.to_json(), flush=True)
+    return 0 if result.ok else 1
 
 
 def _settings_or_exit() -> Settings | int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 SHORT_LIVED = dt.timedelta(days=10)
 # Let's Encrypt's guidance: 1 min, 10 min, 100 min, then daily.
@@ -49,3 +50,22 @@ def next_attempt(
     if retry_after is not None and retry_after > planned:
         return retry_after
     return planned
+
+
+def retry_after_at(header: str | None, now: dt.datetime) -> dt.datetime | None:
+    """When an HTTP ``Retry-After`` (delay-seconds or an HTTP date) points, as aware UTC.
+
+    The acme library's own helper returns a naive time, local for delays and UTC for dates;
+    this one is aware in both cases. None when the header is absent or unreadable.
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    if text.isdigit():
+        return now.astimezone(dt.UTC) + dt.timedelta(seconds=int(text))
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    # RFC 9110 dates are GMT; a date without a zone is read as UTC too.
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)

@@ -1,5 +1,7 @@
 import datetime as dt
 
+import pytest
+
 from acme_registry import schedule
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -36,3 +38,39 @@ def test_next_attempt_honours_a_later_retry_after():
     later = T0 + dt.timedelta(hours=3)
     assert schedule.next_attempt(T0, 1, True, retry_after=later) == later
     assert schedule.next_attempt(T0, 1, True, retry_after=T0) == T0 + dt.timedelta(minutes=1)
+
+
+NOW = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("120", NOW + dt.timedelta(seconds=120)),
+        (" 0 ", NOW),
+        ("Tue, 01 Dec 2026 12:00:00 GMT", dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)),
+        # A date in another zone is the same instant, in UTC.
+        ("Tue, 01 Dec 2026 13:00:00 +0100", dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)),
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_aware_utc(header, expected):
+    when = schedule.retry_after_at(header, NOW)
+    assert when == expected
+    if when is not None:
+        assert when.utcoffset() == dt.timedelta(0)
+
+
+def test_retry_after_ignores_the_local_time_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        local_now = NOW.astimezone()  # the same instant, in a zone five hours behind
+        assert schedule.retry_after_at("60", local_now) == NOW + dt.timedelta(seconds=60)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
