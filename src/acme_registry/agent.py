@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ari, schedule
+from . import ari, issued, schedule, statekeys
 from .admin import AdminServer, Metrics
-from .auth import UserStore, registry_auth_config
+from .auth import HTPASSWD, UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
 from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 ISSUANCE_TIMEOUT = 300
 MAX_SLEEP = 12 * 3600
 RETRY = 5.0
-ARI_STATE = "state/ari.json"
 BYO_POLL = 0.5
 BYO_SETTLE = 2.0  # writers such as `cat >` leave brief mismatches
 
@@ -55,10 +54,6 @@ PROBE_TIMEOUT = 3.0
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def issued_key(fingerprint: str) -> str:
-    return f"issued/{fingerprint}.json"
 
 
 class RenewRequest:
@@ -107,7 +102,7 @@ class Agent:
             settings.registry_config_dir,
         )
         self.users = (
-            UserStore(settings.data_dir, settings.auth_users)
+            UserStore(self.storage, settings.data_dir / HTPASSWD, settings.auth_users)
             if settings.auth_mode == "htpasswd"
             else None
         )
@@ -289,13 +284,13 @@ class Agent:
         if not isinstance(renewal_info_url, str):
             return fallback, None
         cert_id = ari.cert_id(pair.leaf)
-        state = self.storage.load_json(ARI_STATE) or {}
+        state = self.storage.load_json(statekeys.ARI) or {}
         if state.get("cert_id") != cert_id:
             state = {"cert_id": cert_id}
         next_fetch = state.get("next_fetch")
         if next_fetch is None or now >= dt.datetime.fromisoformat(next_fetch):
             state = self._fetch_ari(renewal_info_url, pair, state, now)
-            self.storage.store_json(ARI_STATE, state)
+            self.storage.store_json(statekeys.ARI, state)
         recheck = dt.datetime.fromisoformat(state["next_fetch"])
         if "chosen" not in state:
             return fallback, recheck
@@ -359,10 +354,12 @@ class Agent:
         if not self.settings.acme_enabled:
             expired = now >= pair.not_after
             return pair, f"it expired at {pair.not_after:%Y-%m-%d %H:%M} UTC" if expired else None
-        record = self.storage.load_json(issued_key(pair.fingerprint))
-        issued_by = record.get("directory") if record else None
         return pair, unusable_reason(
-            pair, self.settings.domains, now, issued_by, self.settings.directory
+            pair,
+            self.settings.domains,
+            now,
+            issued.issued_by(self.storage, pair.fingerprint),
+            self.settings.directory,
         )
 
     def _serve(self, pair: CertificatePair) -> None:
@@ -442,7 +439,7 @@ class Agent:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _load_backoff(self) -> Backoff:
-        data = self.storage.load_json("state/backoff.json") or {}
+        data = self.storage.load_json(statekeys.BACKOFF) or {}
         try:
             backoff = Backoff(**data)
         except TypeError:
@@ -451,7 +448,7 @@ class Agent:
         return backoff if backoff.config == self._config_id else Backoff(config=self._config_id)
 
     def _save_backoff(self, backoff: Backoff) -> None:
-        self.storage.store_json("state/backoff.json", asdict(backoff))
+        self.storage.store_json(statekeys.BACKOFF, asdict(backoff))
 
     # -- answers on the control socket -------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from . import statekeys
 from .certstore import CertificatePair, CertStore
 from .config import Settings
 from .storage import Storage
@@ -17,7 +18,7 @@ from .storage import Storage
 def store_issued(settings: Settings, storage: Storage, pair: CertificatePair) -> None:
     """Keep a newly issued pair: its record first, then the pair into CERT_DIR."""
     storage.store_json(
-        f"issued/{pair.fingerprint}.json",
+        statekeys.issued(pair.fingerprint),
         {
             "directory": settings.directory,
             "issued_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -29,6 +30,6 @@ def store_issued(settings: Settings, storage: Storage, pair: CertificatePair) ->
 
 def issued_by(storage: Storage, fingerprint: str) -> str | None:
     """The directory URL that issued the certificate with this fingerprint, if we did."""
-    record = storage.load_json(f"issued/{fingerprint}.json")
+    record = storage.load_json(statekeys.issued(fingerprint))
     directory = record.get("directory") if record else None
     return directory if isinstance(directory, str) else None

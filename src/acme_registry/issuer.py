@@ -23,7 +23,7 @@ from acme import client as acme_client
 from acme import errors, messages
 from cryptography import x509
 
-from . import __version__, issued, keys, schedule
+from . import __version__, issued, keys, schedule, statekeys
 from .account import ACCOUNT_ALG, Account
 from .certstore import CertificatePair, parse_pair
 from .challenges import PendingChallenges
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PENDING_ORDER = "orders/pending.json"
 ORDER_TIMEOUT = 180.0
 NETWORK_TIMEOUT = 30
 BAD_NONCE_RETRIES = 10
@@ -207,7 +206,7 @@ class Issuer:
 
     def _remember_pending(self, order_url: str, key: keys.PrivateKey) -> None:
         self.storage.store_json(
-            PENDING_ORDER,
+            statekeys.PENDING_ORDER,
             {
                 "url": order_url,
                 "directory": self.settings.directory,
@@ -220,10 +219,10 @@ class Issuer:
         self, client: acme_client.ClientV2, deadline: float
     ) -> CertificatePair | None:
         """Finish an order an earlier process finalized but did not see through."""
-        pending = self.storage.load_json(PENDING_ORDER)
+        pending = self.storage.load_json(statekeys.PENDING_ORDER)
         if not pending:
             return None
-        self.storage.delete(PENDING_ORDER)
+        self.storage.delete(statekeys.PENDING_ORDER)
         if pending.get("directory") != self.settings.directory or pending.get("names") != list(
             self.settings.domains
         ):
@@ -236,7 +235,7 @@ class Issuer:
             return self._complete(client, pending["url"], key, csr, deadline)
         except (IssuanceError, ValueError, KeyError) as error:
             log.warning("the earlier order cannot be completed (%s); placing a new one", error)
-            self.storage.delete(PENDING_ORDER)
+            self.storage.delete(statekeys.PENDING_ORDER)
             return None
 
     def _complete(
@@ -249,7 +248,7 @@ class Issuer:
     ) -> CertificatePair:
         chain = self._finalize(client, order_url, csr, deadline)
         pair = parse_pair(chain.encode(), keys.key_to_pem(key))
-        self.storage.delete(PENDING_ORDER)
+        self.storage.delete(statekeys.PENDING_ORDER)
         log.info("certificate issued: %s", pair.describe())
         return pair
 
@@ -506,7 +505,7 @@ def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) 
         )
 
     try:
-        with storage.lock("issuance"):
+        with storage.lock(statekeys.ISSUANCE_LOCK):
             issuer = Issuer(
                 settings, storage, Account(settings, storage), PendingChallenges(storage)
             )

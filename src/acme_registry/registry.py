@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import listeners
+from . import listeners, statekeys
 from .config import ListenAddress, Settings
-from .storage import Storage, write_atomic
+from .storage import Storage, StorageConflict, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,15 @@ RUNNING_STATES = ("STARTING", "RUNNING", "BACKOFF")
 
 def http_secret(storage: Storage) -> str:
     """The registry's http.secret, generated once: uploads then survive a rotation."""
-    stored = storage.load("registry/http-secret")
+    stored = storage.load_bytes(statekeys.HTTP_SECRET)
     if stored:
         return stored.decode().strip()
     secret = secrets.token_urlsafe(32)
-    storage.store("registry/http-secret", secret.encode() + b"\n")
+    try:
+        storage.store(statekeys.HTTP_SECRET, secret.encode() + b"\n", if_absent=True)
+    except StorageConflict:
+        # Another process made it first: every generation (and replica) needs the same one.
+        return http_secret(storage)
     return secret
 
 
