@@ -18,8 +18,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from . import statekeys
 from .admin import AdminServer, Metrics
-from .auth import HTPASSWD, UserStore, registry_auth_config
+from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
 from .certstore import CertificatePair
 from .challenges import PendingChallenges
@@ -57,7 +58,9 @@ class Agent:
             settings.registry_config_dir,
         )
         self.users = (
-            UserStore(self.storage, settings.data_dir / HTPASSWD, settings.auth_users)
+            UserStore(
+                self.storage, settings.data_dir / statekeys.HTPASSWD_FILE, settings.auth_users
+            )
             if settings.auth_mode == "htpasswd"
             else None
         )

@@ -55,7 +55,6 @@ MIN_COST = 4  # the lowest golang.org/x/crypto/bcrypt accepts
 MAX_COST = 31
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores the rest; the bcrypt package refuses longer ones
 INITIAL_ADMIN = "admin"
-HTPASSWD = "auth/htpasswd"  # under DATA_DIR: the derived file the registry reads
 RUNTIME = "run-time"
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -164,28 +163,18 @@ def _parse(
     return into
 
 
-def parse_auth_users(value: str, source: str = "AUTH_USERS") -> dict[str, Credential]:
-    """``name:password`` entries separated by newlines, or by commas when there is none.
-
-    A password holding a comma therefore needs the newline form or ``AUTH_USERS_FILE``.
-    Surrounding spaces of each entry are dropped, as the registry drops them in htpasswd.
-    """
-    return _parse(_auth_users_entries(value), source, "entry", {})
-
-
 def _auth_users_entries(value: str) -> list[str]:
     return value.splitlines() if "\n" in value else value.split(",")
-
-
-def parse_users_file(text: str, source: str = "AUTH_USERS_FILE") -> dict[str, Credential]:
-    """Lines of ``name:password`` or ``name:<bcrypt hash>``; blank and ``#`` lines skipped."""
-    return _parse(text.splitlines(), source, "line", {})
 
 
 def load_env_users(users: str | None, users_file_text: str | None) -> dict[str, Credential]:
     """The environment's users: ``AUTH_USERS`` and the content of ``AUTH_USERS_FILE``.
 
-    Both may be given; a name defined in both is an error rather than a silent choice.
+    ``AUTH_USERS``: ``name:password`` entries separated by newlines, or by commas when there
+    is none (a password holding a comma needs the newline form or the file). The file:
+    lines of ``name:password`` or ``name:<bcrypt hash>``; blank and ``#`` lines skipped.
+    Surrounding spaces are dropped, as the registry drops them in htpasswd. Both may be
+    given; a name defined in both is an error rather than a silent choice.
     """
     found: dict[str, Credential] = {}
     if users is not None:

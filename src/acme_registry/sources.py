@@ -264,7 +264,7 @@ class OperatorFiles:
         self.settings = settings
         self.cert_file = settings.tls_cert_file
         self.key_file = settings.tls_key_file
-        self.store = CertStore(settings.data_dir / "tls")
+        self.store = CertStore(settings.data_dir / statekeys.OPERATOR_TLS_DIR)
         self.serve = serve
         self.config = config_id(settings)
         self._seen: tuple[str, float] | None = None

@@ -20,6 +20,10 @@ INITIAL_ADMIN_PASSWORD = "auth/initial-admin-password"
 CHALLENGES = "challenges"  # the prefix of pending HTTP-01 tokens
 ISSUED = "issued"  # the prefix of issuance records
 
+# Local files under DATA_DIR that are derived, never stored: each replica writes its own.
+HTPASSWD_FILE = "auth/htpasswd"  # the registry's htpasswd, written from USERS
+OPERATOR_TLS_DIR = "tls"  # ACME_ENABLED=false: the operator's pair once it settled
+
 
 def lock(name: str) -> str:
     return f"locks/{name}"

@@ -134,11 +134,8 @@ class Storage(abc.ABC):
         lease: float = DEFAULT_LEASE,
         timeout: float | None = None,
     ) -> Lock:
-        """Wait for the named lock and hold it; :class:`LockTimeout` after ``timeout``."""
-
-    @abc.abstractmethod
-    def lock_holder(self, name: str) -> str | None:
-        """Who holds the named lock now, or None when it is free."""
+        """Wait for the named lock and hold it; :class:`LockTimeout` (naming the holder)
+        after ``timeout`` seconds, or never when it is None."""
 
     def where(self, key: str) -> str:
         """Where the key lives, for messages to the operator (a path, a URL)."""
@@ -323,22 +320,6 @@ class FileStorage(Storage):
         held.renew()
         return held
 
-    def lock_holder(self, name: str) -> str | None:
-        path = self._path(statekeys.lock(name))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                record = _read_record(fd)
-                return str(record.get("holder")) if record.get("holder") else "unknown"
-            return None  # nobody holds it: the record is a past holder's
-        finally:
-            os.close(fd)
-
 
 def _flock(fd: int, timeout: float | None, name: str) -> None:
     if timeout is None:
@@ -351,7 +332,10 @@ def _flock(fd: int, timeout: float | None, name: str) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise LockTimeout(f"lock {name!r} is still held after {timeout:g} s") from None
+                holder = _read_record(fd).get("holder") or "another process"
+                raise LockTimeout(
+                    f"lock {name!r} is still held by {holder} after {timeout:g} s"
+                ) from None
             time.sleep(0.01)
 
 

@@ -18,8 +18,6 @@ from acme_registry.auth import (
     UsersFormatError,
     UserStore,
     load_env_users,
-    parse_auth_users,
-    parse_users_file,
 )
 from tests.support.users import auth_dir, user_store
 
@@ -40,7 +38,7 @@ def mode(path: Path) -> int:
 
 
 def test_auth_users_comma_separated():
-    users = parse_auth_users(f"alice:{SECRET}, bob:pa ss:word ,carol.x_1-2:x")
+    users = load_env_users(f"alice:{SECRET}, bob:pa ss:word ,carol.x_1-2:x", None)
     assert list(users) == ["alice", "bob", "carol.x_1-2"]
     assert users["alice"] == Credential(SECRET, hashed=False, source="AUTH_USERS")
     # Only the first colon separates; inner spaces and colons belong to the password.
@@ -48,14 +46,14 @@ def test_auth_users_comma_separated():
 
 
 def test_auth_users_newline_separated_allows_commas_in_passwords():
-    users = parse_auth_users("alice:a,b,c\n\nbob:x\n")
+    users = load_env_users("alice:a,b,c\n\nbob:x\n", None)
     assert {n: c.secret for n, c in users.items()} == {"alice": "a,b,c", "bob": "x"}
 
 
 def test_users_file_plain_and_bcrypt_lines():
     h2y, h2a, h2b = hashed("one", "$2y$"), hashed("two", "$2a$"), hashed("three")
     text = f"# team\n\nalice:{h2y}\n  bob:{h2a}  \ncarol:{h2b}\n# dave:old\nerin:plain pw\n"
-    users = parse_users_file(text)
+    users = load_env_users(None, text)
     assert list(users) == ["alice", "bob", "carol", "erin"]
     assert users["alice"] == Credential(h2y, hashed=True, source="AUTH_USERS_FILE")
     assert users["bob"].secret == h2a and users["bob"].hashed
@@ -85,7 +83,7 @@ def test_credential_repr_hides_the_secret():
 )
 def test_users_file_errors_name_the_line_and_never_the_password(text, expected):
     with pytest.raises(UsersFormatError) as caught:
-        parse_users_file(text)
+        load_env_users(None, text)
     error = caught.value
     assert expected in str(error)
     assert error.source == "AUTH_USERS_FILE"
@@ -96,13 +94,13 @@ def test_users_file_errors_name_the_line_and_never_the_password(text, expected):
 
 def test_auth_users_errors_name_the_entry():
     with pytest.raises(UsersFormatError) as caught:
-        parse_auth_users(f"alice:x,{SECRET}")
+        load_env_users(f"alice:x,{SECRET}", None)
     assert str(caught.value) == "AUTH_USERS: entry 2: expected name:password"
 
 
 def test_a_bcrypt_hash_in_auth_users_is_kept():
     value = hashed("pw")
-    assert parse_auth_users(f"ci:{value}")["ci"] == Credential(value, True, "AUTH_USERS")
+    assert load_env_users(f"ci:{value}", None)["ci"] == Credential(value, True, "AUTH_USERS")
 
 
 def test_load_env_users_merges_both_sources():
@@ -388,3 +386,13 @@ def test_two_stores_on_one_directory_do_not_lose_users(tmp_path):
     assert len(stores[0].list()) == 20
     assert len(htpasswd(stores[0])) == 20
     assert not [n for n in os.listdir(stores[0].htpasswd_path.parent) if n.endswith(".tmp")]
+
+
+def test_reading_the_configuration_does_not_load_bcrypt():
+    # Every command reads the configuration; only those that hash need bcrypt.
+    import subprocess
+    import sys
+
+    code = "import sys, acme_registry.config; print('bcrypt' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import stat
@@ -158,22 +159,28 @@ def test_threads_racing_on_one_version_exactly_one_wins(tmp_path):
     assert storage.load_bytes("k/counter") == str(won[0]).encode()
 
 
+def recorded(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / "locks" / name).read_text())
+
+
 def test_a_lock_has_a_holder_and_a_lease(tmp_path):
     storage = FileStorage(tmp_path)
-    assert storage.lock_holder("issuance") is None
     with storage.lock("issuance", holder="agent-1", lease=30) as held:
         assert held.holder == "agent-1"
-        assert storage.lock_holder("issuance") == "agent-1"
-        # Anyone else waits, and gives up at its timeout.
+        record = recorded(tmp_path, "issuance")
+        assert record["holder"] == "agent-1" and record["pid"] == os.getpid()
+        assert 0 < record["expires"] - time.time() <= 30
+        # Anyone else waits, and gives up at its timeout with the holder's name.
         started = time.monotonic()
-        with pytest.raises(LockTimeout):
+        with pytest.raises(LockTimeout, match="held by agent-1"):
             storage.lock("issuance", holder="agent-2", timeout=0.2)
         assert time.monotonic() - started >= 0.2
+        time.sleep(0.05)
         held.renew()
+        assert recorded(tmp_path, "issuance")["expires"] > record["expires"]
         assert not held.lost.is_set()
-    assert storage.lock_holder("issuance") is None
     with storage.lock("issuance", holder="agent-2", timeout=1) as second:
-        assert storage.lock_holder("issuance") == "agent-2"
+        assert recorded(tmp_path, "issuance")["holder"] == "agent-2"
     with pytest.raises(LockLost):
         second.renew()  # released: nothing left to renew
 
@@ -196,21 +203,24 @@ def test_a_lock_waits_for_its_holder_then_passes_on(tmp_path):
     assert order == ["first", "second"]
 
 
-def _hold_and_die(root: str, ready: object) -> None:
+def _hold_and_die(root: str, ready: object, die: object) -> None:
     FileStorage(Path(root)).lock("issuance", holder="doomed")
     ready.set()  # type: ignore[attr-defined]
-    time.sleep(0.2)
+    die.wait(60)  # type: ignore[attr-defined]
     os._exit(9)  # as a kill -9: no release
 
 
 def test_a_dead_holder_never_blocks_the_next(tmp_path):
     context = multiprocessing.get_context("fork")
-    ready = context.Event()
-    child = context.Process(target=_hold_and_die, args=(str(tmp_path), ready))
+    ready, die = context.Event(), context.Event()
+    child = context.Process(target=_hold_and_die, args=(str(tmp_path), ready, die))
     child.start()
     assert ready.wait(timeout=30)
-    assert FileStorage(tmp_path).lock_holder("issuance") == "doomed"
+    with pytest.raises(LockTimeout, match="held by doomed"):
+        FileStorage(tmp_path).lock("issuance", timeout=0.01)
+    die.set()
     child.join(timeout=30)
+    assert child.exitcode == 9
     with FileStorage(tmp_path).lock("issuance", holder="next", timeout=10) as held:
         assert held.holder == "next"
 
