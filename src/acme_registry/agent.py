@@ -25,7 +25,7 @@ from .auth import control_handlers as user_handlers
 from .certstore import CertificatePair
 from .challenges import PendingChallenges
 from .config import Settings
-from .control import ControlServer
+from .control import ControlServer, Handler
 from .outcome import IssuanceResult
 from .registry import (
     RegistryGenerations,
@@ -71,7 +71,7 @@ class Agent:
         self.admin = AdminServer(
             settings.admin_addr.host, settings.admin_addr.port, self.metrics, self._ready_check
         )
-        handlers = {
+        handlers: dict[str, Handler] = {
             "health": self._health,
             "ready": self._ready,
             "status": self._status,
@@ -151,7 +151,7 @@ class Agent:
         log.info("agent stopped")
 
     def _take_renewals(self) -> list[Renewal]:
-        taken = []
+        taken: list[Renewal] = []
         while True:
             try:
                 renewal = self._renewals.get_nowait()

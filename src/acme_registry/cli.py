@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -163,9 +163,10 @@ def _user(args: argparse.Namespace) -> int:
     """Users go through the running agent: it is the only writer of the htpasswd file."""
     from .control import request
 
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     generated = None
     if args.user_command == "add":
+        password: str | None
         from .auth import generate_password, read_password
 
         if sys.stdin.isatty():

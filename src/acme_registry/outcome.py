@@ -130,7 +130,7 @@ class IssuanceResult:
         reason = None
         if not ok:
             try:
-                reason = FailureReason(data.get("reason"))
+                reason = FailureReason(str(data.get("reason")))
             except ValueError:
                 reason = FailureReason.OTHER
         error = data.get("error")
