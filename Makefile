@@ -35,6 +35,7 @@ integration: system-deps venv
 lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 # Installs only what is missing, so a second run costs nothing.
 system-deps:

@@ -10,9 +10,9 @@ from acme import client as acme_client
 from acme import errors, messages
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import keys
+from . import keys, statekeys
 from .config import Settings
-from .storage import Storage
+from .storage import Storage, StorageConflict
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +25,28 @@ class Account:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
-        self._prefix = f"accounts/{settings.directory_id}"
+        self._id = settings.directory_id
 
     def key(self) -> jose.JWK:
-        pem = self.storage.load(f"{self._prefix}/key.pem")
+        pem = self.storage.load_bytes(statekeys.account_key(self._id))
         if pem is None:
             private = ec.generate_private_key(ec.SECP256R1())
             pem = keys.key_to_pem(private)
-            self.storage.store(f"{self._prefix}/key.pem", pem)
+            try:
+                self.storage.store(statekeys.account_key(self._id), pem, if_absent=True)
+            except StorageConflict:
+                # Another process made the key first: use that one, never two accounts.
+                found = self.storage.load_bytes(statekeys.account_key(self._id))
+                assert found is not None
+                return jose.JWKEC(key=keys.load_key(found))
             self.storage.store(
-                f"{self._prefix}/directory", self.settings.directory.encode() + b"\n"
+                statekeys.account_directory(self._id), self.settings.directory.encode() + b"\n"
             )
             log.info("created a new ACME account key for %s", self.settings.directory)
         return jose.JWKEC(key=keys.load_key(pem))
 
     def registration(self) -> messages.RegistrationResource | None:
-        data = self.storage.load(f"{self._prefix}/account.json")
+        data = self.storage.load_bytes(statekeys.account_registration(self._id))
         if data is None:
             return None
         try:
@@ -53,8 +59,11 @@ class Account:
         """Create the account at the CA (or find it, if the key is already known there)."""
         eab = None
         if self.settings.eab_kid and self.settings.eab_hmac_key:
+            key = client.net.key
+            if key is None:
+                raise RuntimeError("the ACME client has no account key")
             eab = messages.ExternalAccountBinding.from_data(
-                account_public_key=client.net.key.public_key(),
+                account_public_key=key.public_key(),
                 kid=self.settings.eab_kid,
                 hmac_key=self.settings.eab_hmac_key,
                 directory=client.directory,
@@ -73,7 +82,7 @@ class Account:
             )
             client.net.account = regr
         self.storage.store(
-            f"{self._prefix}/account.json",
+            statekeys.account_registration(self._id),
             json.dumps({"uri": regr.uri, "directory": self.settings.directory}).encode() + b"\n",
         )
         log.info("ACME account ready: %s", regr.uri)
@@ -81,4 +90,4 @@ class Account:
 
     def forget(self) -> None:
         """Drop the stored registration (the CA no longer knows it); the key is kept."""
-        self.storage.delete(f"{self._prefix}/account.json")
+        self.storage.delete(statekeys.account_registration(self._id))

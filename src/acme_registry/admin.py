@@ -20,10 +20,11 @@ Metrics (names and labels are a contract: dashboards and alert rules use them)::
 - The certificate gauges hold unix seconds for each name of the served certificate; a
   name dropped from the certificate disappears from the next scrape, and there is no
   series before the first certificate. The next renewal is NaN until it is planned.
-- ``reason`` is one of :data:`FAILURE_REASONS`, from :func:`classify_error`; every reason
+- ``reason`` is one of :data:`FAILURE_REASONS` (:class:`~.outcome.FailureReason`, set by the
+  issuer where the failure is known); every reason
   is exported from the start (at 0), so ``increase()`` works on the first failure.
 - An issuance is one run of the issuing child process, timed by the agent; the child's
-  per-request timings (its JSON answer's ``timings``) feed the ``step`` histogram, with
+  per-request timings (its result's ``timings``) feed the ``step`` histogram, with
   ``step`` one of :data:`ACME_STEPS`.
 
 prometheus_client is imported here only, and this module only by the long-running agent.
@@ -31,12 +32,11 @@ prometheus_client is imported here only, and this module only by the long-runnin
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,6 +45,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .listen import bind_tcp
+from .outcome import FailureReason, IssuanceResult
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ DEFAULT_PORT = 9180
 # default output (legacy names, underscore escaping) is exactly that format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-FAILURE_REASONS = ("validation", "rate_limited", "network", "ca_error", "storage", "other")
+FAILURE_REASONS = tuple(reason.value for reason in FailureReason)
 ACME_STEPS = (
     "directory",
     "account_registration",
@@ -72,49 +73,6 @@ REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ISSUANCE_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 Check = Callable[[], tuple[bool, str]]
-
-# Ordered: the first reason whose pattern matches wins. Matched against the issuer's
-# one-line errors ("step: code: detail", "HTTP 503 from URL", "ConnectionError: ...").
-_REASON_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("rate_limited", re.compile(r"ratelimited|rate limit|too many", re.I)),
-    (
-        "storage",
-        re.compile(
-            r"cannot store|no space left|read-only file system|disk quota|permission denied", re.I
-        ),
-    ),
-    (
-        "validation",
-        re.compile(r"validation of|http-01|incorrectresponse|\bcaa\b", re.I),
-    ),
-    (
-        "network",
-        re.compile(
-            r"connectionerror|connecttimeout|readtimeout|\btimeout\b|timed out(?! waiting)"
-            r"|connection (refused|reset|aborted)|name or service not known|name resolution"
-            r"|temporary failure in name|network is unreachable|no route to host|sslerror"
-            r"|certificate verify failed|max retries exceeded|remote end closed",
-            re.I,
-        ),
-    ),
-    (
-        "ca_error",
-        re.compile(
-            r"\bhttp [45]\d\d from|serverinternal|badnonce|the ca |urn:ietf:params:acme:error"
-            r"|accountdoesnotexist|unauthorized|externalaccountrequired|rejectedidentifier"
-            r"|malformed|badcsr|badsignaturealgorithm|orderNotReady|timed out waiting",
-            re.I,
-        ),
-    ),
-)
-
-
-def classify_error(message: str) -> str:
-    """The failure reason (one of :data:`FAILURE_REASONS`) for an issuance error message."""
-    for reason, pattern in _REASON_PATTERNS:
-        if pattern.search(message):
-            return reason
-    return "other"
 
 
 def step_label(step: str) -> str:
@@ -225,24 +183,15 @@ class Metrics:
     def observe_issuance(self, seconds: float) -> None:
         self.issuance_seconds.observe(max(0.0, seconds))
 
-    def record_issuance(self, answer: Mapping[str, Any], seconds: float) -> str | None:
-        """Count one run of the issuing child from its JSON answer; the failure reason or None.
-
-        ``answer["timings"]`` may list ``[step, seconds]`` pairs (or map step to seconds);
-        anything malformed in it is skipped, since the child's answer is not trusted blindly.
-        """
+    def record_issuance(self, result: IssuanceResult, seconds: float) -> FailureReason | None:
+        """Count one run of the issuing child from its result; the failure reason or None."""
         self.attempt()
         self.observe_issuance(seconds)
-        timings = answer.get("timings")
-        pairs = timings.items() if isinstance(timings, Mapping) else timings
-        if isinstance(pairs, Iterable) and not isinstance(pairs, str | bytes):
-            for pair in pairs:
-                with contextlib.suppress(TypeError, ValueError):
-                    step, elapsed = pair
-                    self.observe_acme(float(elapsed), str(step))
-        if answer.get("ok"):
+        for step, elapsed in result.timings:
+            self.observe_acme(elapsed, step)
+        if result.ok:
             return None
-        reason = classify_error(str(answer.get("error") or ""))
+        reason = result.reason or FailureReason.OTHER
         self.failure(reason)
         return reason
 

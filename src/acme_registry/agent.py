@@ -1,103 +1,54 @@
-"""The agent: the one maintenance loop (like certmagic's maintain.go).
+"""The agent: the one maintenance loop (like certmagic's maintain.go), and the wiring.
 
-It serves port 80, the control socket and the admin endpoint, decides from the stored pair
-whether an order is needed, runs the order in a short-lived child process (so the
-long-running process never loads the ACME stack), and starts or rotates the registry
-through supervisord's XML-RPC socket. It runs as a thread of the supervisord process:
-one Python process less, in memory and at start-up.
+It opens port 80, the control socket and the admin endpoint, then loops: ask the
+certificate source (:mod:`sources`, chosen once at start: ACME or the operator's files) to
+bring the served pair up to date, make sure a registry generation serves it (starting or
+rotating generations through supervisord's XML-RPC socket), and sleep until the next
+look or a `renew` request. It runs as a thread of the supervisord process: one Python
+process less, in memory and at start-up.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import logging
-import socket
-import ssl
-import subprocess
-import sys
+import queue
 import threading
-import time
 import xmlrpc.client
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from . import ari, schedule
+from . import statekeys
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
-from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
+from .certstore import CertificatePair
 from .challenges import PendingChallenges
 from .config import Settings
-from .control import ControlServer
-from .registry import RegistryGenerations, Supervisor, http_secret, render_config
+from .control import ControlServer, Handler
+from .outcome import IssuanceResult
+from .registry import (
+    RegistryGenerations,
+    RegistryProbe,
+    Supervisor,
+    http_secret,
+    probe_registry,
+    render_config,
+)
 from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
+from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
 from .storage import FileStorage, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
-ISSUANCE_TIMEOUT = 300
-MAX_SLEEP = 12 * 3600
 RETRY = 5.0
-ARI_STATE = "state/ari.json"
-BYO_POLL = 0.5
-BYO_SETTLE = 2.0  # writers such as `cat >` leave brief mismatches
-
-
-def byo_store(settings: Settings) -> Path:
-    return settings.data_dir / "tls"
-
-
-PROBE_TIMEOUT = 3.0
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def issued_key(fingerprint: str) -> str:
-    return f"issued/{fingerprint}.json"
-
-
-class RenewRequest:
-    """`acme-registry renew` waiting for the maintenance loop to renew and rotate."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._answer: dict[str, Any] = {"ok": False, "error": "the renewal did not finish"}
-
-    def finish(self, answer: dict[str, Any]) -> None:
-        self._answer = answer
-        self._done.set()
-
-    def wait(self, timeout: float) -> dict[str, Any]:
-        self._done.wait(timeout)
-        return self._answer
-
-
-@dataclass
-class Backoff:
-    """Failed attempts in a row, persisted so restarts and crash loops continue it."""
-
-    failures: int = 0
-    last_attempt: str | None = None
-    last_error: str | None = None
-    next_attempt: str | None = None
-    config: str = ""
 
 
 class Agent:
     def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
         self.storage = FileStorage(settings.data_dir)
-        # With ACME off the operator's files are copied into a store of our own once they
-        # have settled, so the registry never loads a pair halfway through being replaced.
-        self.certs = CertStore(settings.cert_dir if settings.acme_enabled else byo_store(settings))
-        self._byo_seen: tuple[str, float] | None = None
-        self._byo_applied: str | None = None
         self.challenges = PendingChallenges(self.storage)
         self.responder = ChallengeResponder(
             settings.domains, self.challenges.lookup, settings.http_port
@@ -109,15 +60,20 @@ class Agent:
             registry_socket,
         )
         self.users = (
-            UserStore(settings.data_dir, settings.auth_users)
+            UserStore(
+                self.storage, settings.data_dir / statekeys.HTPASSWD_FILE, settings.auth_users
+            )
             if settings.auth_mode == "htpasswd"
             else None
         )
         self.metrics = Metrics()
+        self.source = choose_source(
+            settings, self.storage, self.challenges, self.metrics, self._serve
+        )
         self.admin = AdminServer(
             settings.admin_addr.host, settings.admin_addr.port, self.metrics, self._ready_check
         )
-        handlers = {
+        handlers: dict[str, Handler] = {
             "health": self._health,
             "ready": self._ready,
             "status": self._status,
@@ -128,13 +84,8 @@ class Agent:
         self.control = ControlServer(settings.control_socket, handlers)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._next_check: dt.datetime | None = None
-        self._plan: schedule.RenewalPlan | None = None
-        self._renew_request: RenewRequest | None = None
-        self._directory: dict[str, object] | None = None
-        self._directory_at = 0.0
-        self._tls_to_ca = ari.ssl_context(str(settings.ca_bundle) if settings.ca_bundle else None)
-        self._config_id = self._config_fingerprint()
+        # Every `renew` waiting for the loop; each is answered by the next attempt.
+        self._renewals: queue.SimpleQueue[Renewal] = queue.SimpleQueue()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -159,7 +110,7 @@ class Agent:
             render_config(
                 self.settings,
                 http_secret(self.storage),
-                self.certs.tls_file,
+                self.source.store.tls_file,
                 self.settings.registry_env,
                 auth,
             )
@@ -180,8 +131,9 @@ class Agent:
     def maintain_forever(self) -> None:
         """The maintenance loop; runs on its own thread until :meth:`stop`."""
         while not self._stopping.is_set():
+            renewals = self._take_renewals()
             try:
-                wait = self._maintain()
+                wait = self.source.maintain(utcnow(), renewals)
             except (OSError, xmlrpc.client.Error) as error:
                 if self._stopping.is_set():
                     break  # supervisord is shutting down around us
@@ -189,6 +141,8 @@ class Agent:
                 wait = RETRY
             self._wake.wait(timeout=wait)
             self._wake.clear()
+        for renewal in self._take_renewals():
+            renewal.cancel()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -198,262 +152,40 @@ class Agent:
         self.responder.stop()
         log.info("agent stopped")
 
-    # -- the maintenance step ----------------------------------------------------
-
-    def _maintain(self) -> float:
-        """Bring the served certificate up to date; return seconds until the next look."""
-        if not self.settings.acme_enabled:
-            return self._maintain_own_certificate()
-        now = utcnow()
-        renew = self._renew_request
-        self._renew_request = None
-        pair, problem = self._current_pair(now)
-        replaces = None
-        if pair is not None and problem is None:
-            self._serve(pair)
-            plan, recheck = self._renewal_plan(pair, now)
-            self._plan = plan
-            self.metrics.set_next_renewal(plan.at)
-            if renew is None and now < plan.at:
-                self._next_check = min(plan.at, recheck) if recheck else plan.at
-                return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
-            log.info("renewing: %s", "requested" if renew else f"due ({plan.reason})")
-            replaces = self._replaces(pair)
-        elif problem:
-            log.info("the stored certificate cannot be served: %s", problem)
-
-        backoff = self._load_backoff()
-        if renew is not None:
-            backoff = Backoff(config=self._config_id)  # `acme-registry renew` starts over
-        elif backoff.next_attempt and now < dt.datetime.fromisoformat(backoff.next_attempt):
-            self._next_check = dt.datetime.fromisoformat(backoff.next_attempt)
-            return _seconds_until(self._next_check, now, cap=MAX_SLEEP)
-
-        # "=" form: an ARI ID may start with "-", which argparse would take for an option.
-        answer = self._issue([f"--replaces={replaces}"] if replaces else [])
-        self._record_attempt(backoff, answer, now)
-        if answer.get("ok"):
-            fresh, fresh_problem = self._current_pair(utcnow())
-            if fresh is not None and fresh_problem is None:
-                self._serve(fresh)
-        if renew is not None:
-            renew.finish(answer)
-        return 0.0 if answer.get("ok") else 1.0
-
-    def _maintain_own_certificate(self) -> float:
-        """ACME off: serve TLS_CERT_FILE/TLS_KEY_FILE, rotating once a new pair settles."""
-        cert_file, key_file = self.settings.tls_cert_file, self.settings.tls_key_file
-        assert cert_file is not None and key_file is not None
-        try:
-            chain_pem, key_pem = cert_file.read_bytes(), key_file.read_bytes()
-        except OSError as error:
-            if self._byo_applied != "unreadable":
-                log.error("cannot read %s: %s; still serving the last pair", error.filename, error)
-                self._byo_applied = "unreadable"
-            return BYO_POLL
-        signature = hashlib.sha256(chain_pem + b"\0" + key_pem).hexdigest()
-        first_look = self._byo_seen is None
-        if self._byo_seen is None or self._byo_seen[0] != signature:
-            self._byo_seen = (signature, time.monotonic())
-        settled = time.monotonic() - self._byo_seen[1] >= BYO_SETTLE
-        if signature == self._byo_applied or not (settled or first_look):
-            return BYO_POLL
-        self._byo_applied = signature
-        try:
-            pair = parse_pair(chain_pem, key_pem)
-        except ValueError as error:
-            log.error(
-                "refusing %s and %s: %s; still serving the last pair", cert_file, key_file, error
-            )
-            return BYO_POLL
-        if pair.not_after <= utcnow():
-            log.error(
-                "refusing %s: %s", cert_file, f"it expired at {pair.not_after:%Y-%m-%d %H:%M} UTC"
-            )
-            return BYO_POLL
-        if pair.names != frozenset(self.settings.domains):
-            log.warning("%s names %s, not ACME_DOMAINS", cert_file, ", ".join(sorted(pair.names)))
-        current = self.certs.load_quietly()
-        if current is None or current.fingerprint != pair.fingerprint:
-            self.certs.save(pair)
-        self._serve(pair)
-        return BYO_POLL
-
-    def _renewal_plan(
-        self, pair: CertificatePair, now: dt.datetime
-    ) -> tuple[schedule.RenewalPlan, dt.datetime | None]:
-        """When to renew: inside the CA's ARI window when it offers one, else by lifetime.
-
-        Returns the plan and when to fetch the ARI window again (None without ARI).
-        """
-        renewal_info_url = self._directory_field("renewalInfo")
-        fallback = schedule.lifetime_renewal(pair.not_before, pair.not_after)
-        if not isinstance(renewal_info_url, str):
-            return fallback, None
-        cert_id = ari.cert_id(pair.leaf)
-        state = self.storage.load_json(ARI_STATE) or {}
-        if state.get("cert_id") != cert_id:
-            state = {"cert_id": cert_id}
-        next_fetch = state.get("next_fetch")
-        if next_fetch is None or now >= dt.datetime.fromisoformat(next_fetch):
-            state = self._fetch_ari(renewal_info_url, pair, state, now)
-            self.storage.store_json(ARI_STATE, state)
-        recheck = dt.datetime.fromisoformat(state["next_fetch"])
-        if "chosen" not in state:
-            return fallback, recheck
-        reason = f"inside the CA's ARI window {state['start']} - {state['end']}"
-        return schedule.RenewalPlan(dt.datetime.fromisoformat(state["chosen"]), reason), recheck
-
-    def _fetch_ari(
-        self, url: str, pair: CertificatePair, state: dict[str, Any], now: dt.datetime
-    ) -> dict[str, Any]:
-        try:
-            info = ari.fetch(url, pair.leaf, self._tls_to_ca, now)
-        except (OSError, ValueError) as error:
-            log.warning("renewal information unavailable (%s); asking again later", error)
-            delay = min(ari.ERROR_RECHECK, self.settings.ari_max_recheck)
-            return {**state, "next_fetch": (now + delay).isoformat()}
-        window = (info.start.isoformat(), info.end.isoformat())
-        if (state.get("start"), state.get("end")) != window:
-            chosen = ari.choose_instant(info)
-            log.info(
-                "the CA suggests renewing between %s and %s; chose %s%s",
-                *window,
-                chosen.isoformat(),
-                f" (why: {info.explanation_url})" if info.explanation_url else "",
-            )
-            state = {**state, "start": window[0], "end": window[1], "chosen": chosen.isoformat()}
-        if info.explanation_url:
-            state["explanation_url"] = info.explanation_url
-        delay = min(info.recheck_after, self.settings.ari_max_recheck)
-        return {**state, "next_fetch": (now + delay).isoformat()}
-
-    def _directory_field(self, name: str) -> object:
-        """A field of the ACME directory, fetched at most once an hour."""
-        now = time.monotonic()
-        if self._directory is None or now - self._directory_at > 3600:
+    def _take_renewals(self) -> list[Renewal]:
+        taken: list[Renewal] = []
+        while True:
             try:
-                self._directory = ari.directory(self.settings.directory, self._tls_to_ca)
-                self._directory_at = now
-            except (OSError, ValueError) as error:
-                log.warning("the ACME directory is unreachable: %s", error)
-                return None
-        return self._directory.get(name)
+                renewal = self._renewals.get_nowait()
+            except queue.Empty:
+                return taken
+            if renewal.set_running_or_notify_cancel():
+                taken.append(renewal)
 
-    def _replaces(self, pair: CertificatePair) -> str | None:
-        """The ARI ID of the certificate a renewal replaces (same names, ARI offered)."""
-        if pair.names != frozenset(self.settings.domains):
-            return None
-        if not isinstance(self._directory_field("renewalInfo"), str):
-            return None
-        try:
-            return ari.cert_id(pair.leaf)
-        except ValueError:
-            return None
-
-    def _current_pair(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
-        try:
-            pair = self.certs.load()
-        except ValueError as error:
-            return None, str(error)
-        if pair is None:
-            return None, None
-        if not self.settings.acme_enabled:
-            expired = now >= pair.not_after
-            return pair, f"it expired at {pair.not_after:%Y-%m-%d %H:%M} UTC" if expired else None
-        record = self.storage.load_json(issued_key(pair.fingerprint))
-        issued_by = record.get("directory") if record else None
-        return pair, unusable_reason(
-            pair, self.settings.domains, now, issued_by, self.settings.directory
-        )
+    # -- serving ---------------------------------------------------------------------
 
     def _serve(self, pair: CertificatePair) -> None:
         """Make sure a registry generation serves ``pair``."""
         self.metrics.set_certificate(pair.names, pair.not_before, pair.not_after)
         if self.generations.current() is None:
-            self.certs.adopt()
+            self.source.store.adopt()
             log.info("starting the registry with %s", pair.describe())
             self.generations.ensure_running()
             self.metrics.registry_started()
             return
-        served = self._served_fingerprint()
+        served = self._probe(request=False).fingerprint
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             # With a shared socket the old generation stops only once the new pair is served.
-            self.generations.rotate(serving=lambda: self._served_fingerprint() == pair.fingerprint)
+            self.generations.rotate(
+                serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
+            )
             self.metrics.registry_started()
 
-    def _issue(self, extra: list[str], dry_run: bool = False) -> dict[str, Any]:
-        """Run one order in a child process; it stores the pair on success."""
-        what = "a dry-run certificate" if dry_run else "a certificate"
-        log.info("obtaining %s for %s", what, ", ".join(self.settings.domains))
-        command = [sys.executable, "-m", "acme_registry", "issue", *extra]
-        if dry_run:
-            command.append("--dry-run")
-        started = time.monotonic()
-        try:
-            child = subprocess.run(
-                command, stdout=subprocess.PIPE, timeout=ISSUANCE_TIMEOUT, check=False
-            )
-            answer = json.loads(child.stdout.decode().strip().splitlines()[-1])
-        except (subprocess.TimeoutExpired, ValueError, IndexError):
-            answer = {"ok": False, "error": "the issuing process gave no answer"}
-        finally:
-            if not dry_run:
-                self.challenges.clear()
-        if not isinstance(answer, dict):
-            answer = {"ok": False, "error": "the issuing process gave a malformed answer"}
-        if not dry_run:
-            self.metrics.record_issuance(answer, time.monotonic() - started)
-        return answer
-
-    def _record_attempt(self, backoff: Backoff, answer: dict[str, Any], now: dt.datetime) -> None:
-        if answer.get("ok"):
-            self._save_backoff(Backoff(last_attempt=now.isoformat(), config=self._config_id))
-            return
-        failures = backoff.failures + 1
-        have_cert = self.certs.tls_file.exists()
-        retry_after = answer.get("retry_after")
-        when = schedule.next_attempt(
-            now,
-            failures,
-            have_cert,
-            dt.datetime.fromisoformat(retry_after) if retry_after else None,
+    def _probe(self, request: bool = True) -> RegistryProbe:
+        return probe_registry(
+            self.settings.registry_addr, self.settings.domains[0], request=request
         )
-        self._save_backoff(
-            Backoff(
-                failures=failures,
-                last_attempt=now.isoformat(),
-                last_error=str(answer.get("error")),
-                next_attempt=when.isoformat(),
-                config=self._config_id,
-            )
-        )
-        self._next_check = when
-        log.error(
-            "could not obtain a certificate: %s; next attempt at %s",
-            answer.get("error"),
-            f"{when:%Y-%m-%d %H:%M:%S} UTC",
-        )
-
-    # -- backoff state -------------------------------------------------------------
-
-    def _config_fingerprint(self) -> str:
-        s = self.settings
-        text = "|".join((",".join(s.domains), s.directory, s.key_type, s.eab_kid or ""))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def _load_backoff(self) -> Backoff:
-        data = self.storage.load_json("state/backoff.json") or {}
-        try:
-            backoff = Backoff(**data)
-        except TypeError:
-            return Backoff(config=self._config_id)
-        # A changed configuration starts over: the old failures say nothing about it.
-        return backoff if backoff.config == self._config_id else Backoff(config=self._config_id)
-
-    def _save_backoff(self, backoff: Backoff) -> None:
-        self.storage.store_json("state/backoff.json", asdict(backoff))
 
     # -- answers on the control socket -------------------------------------------
 
@@ -467,90 +199,55 @@ class Agent:
         return False, str(answer.get("error"))
 
     def _ready(self, request: dict[str, Any]) -> dict[str, Any]:
-        now = utcnow()
-        pair, problem = self._current_pair(now)
+        pair, problem = self.source.current(utcnow())
         if pair is None or problem is not None:
             return {"ok": False, "error": problem or "no certificate yet"}
-        served = self._served_fingerprint()
-        if served is None:
+        probe = self._probe()
+        if probe.fingerprint is None:
             return {"ok": False, "error": "the registry does not answer TLS"}
-        if served != pair.fingerprint:
+        if probe.fingerprint != pair.fingerprint:
             return {"ok": False, "error": "the registry serves another certificate"}
-        status = self._registry_status()
-        if status not in (200, 401):
-            return {"ok": False, "error": f"the registry answered /v2/ with {status}"}
+        if probe.status not in (200, 401):
+            return {"ok": False, "error": f"the registry answered /v2/ with {probe.status}"}
         return {"ok": True, "not_after": pair.not_after.isoformat()}
 
     def _renew(self, request: dict[str, Any]) -> dict[str, Any]:
-        if not self.settings.acme_enabled:
-            error = "ACME_ENABLED=false: replace TLS_CERT_FILE and TLS_KEY_FILE instead"
-            return {"ok": False, "error": error}
+        refused = self.source.renewal_refused()
+        if refused:
+            return {"ok": False, "error": refused}
         if request.get("dry_run"):
-            return self._issue([], dry_run=True)
-        renew = RenewRequest()
-        self._renew_request = renew
+            return self.source.dry_run().answer()
+        renewal: Renewal = Future()
+        self._renewals.put(renewal)
         self._wake.set()
-        return renew.wait(ISSUANCE_TIMEOUT + 60)
+        try:
+            result: IssuanceResult = renewal.result(timeout=ISSUANCE_TIMEOUT + 60)
+        except FutureTimeout:
+            return {"ok": False, "error": "the renewal did not finish"}
+        except Exception as error:  # the step failed (or the agent stopped) before an answer
+            return {"ok": False, "error": f"the renewal did not finish: {error}"}
+        return result.answer()
 
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()
-        pair, problem = self._current_pair(now)
-        backoff = self._load_backoff()
+        pair, problem = self.source.current(now)
+        state = self.source.status(pair)
         answer: dict[str, Any] = {
             "ok": True,
             "domains": list(self.settings.domains),
             "directory": self.settings.directory,
             "certificate": None,
             "problem": problem,
-            "next_check": self._next_check.isoformat() if self._next_check else None,
-            "backoff": asdict(backoff),
+            "next_check": state["next_check"],
+            "backoff": state["backoff"],
         }
         if pair is not None:
-            plan = self._plan or schedule.lifetime_renewal(pair.not_before, pair.not_after)
             answer["certificate"] = {
                 "names": sorted(pair.names),
                 "issuer": pair.issuer,
                 "serial": f"{pair.serial:x}",
                 "not_before": pair.not_before.isoformat(),
                 "not_after": pair.not_after.isoformat(),
-                "renewal": {"at": plan.at.isoformat(), "reason": plan.reason},
+                "renewal": state["renewal"],
             }
         return answer
-
-    # -- probing the registry ------------------------------------------------------
-
-    def _tls_connection(self) -> ssl.SSLSocket:
-        # We compare the served leaf with the stored one instead of verifying a chain:
-        # the question is "is this registry serving our current pair", not "is the CA trusted".
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        addr = self.settings.registry_addr
-        raw = socket.create_connection((addr.connect_host(), addr.port), timeout=PROBE_TIMEOUT)
-        return context.wrap_socket(raw, server_hostname=self.settings.domains[0])
-
-    def _served_fingerprint(self) -> str | None:
-        try:
-            with self._tls_connection() as conn:
-                der = conn.getpeercert(binary_form=True)
-        except (OSError, ssl.SSLError):
-            return None
-        return hashlib.sha256(der).hexdigest() if der else None
-
-    def _registry_status(self) -> int | None:
-        try:
-            with self._tls_connection() as conn:
-                host = self.settings.domains[0]
-                conn.sendall(
-                    f"GET /v2/ HTTP/1.1\r\nHost: {host}\r\nUser-Agent: acme-registry-probe\r\n"
-                    "Connection: close\r\n\r\n".encode()
-                )
-                head = conn.recv(64).decode("latin-1")
-        except (OSError, ssl.SSLError):
-            return None
-        parts = head.split(" ", 2)
-        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-
-
-def _seconds_until(when: dt.datetime, now: dt.datetime, cap: float) -> float:
-    return max(0.0, min((when - now).total_seconds(), cap))

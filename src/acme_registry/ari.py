@@ -15,8 +15,8 @@ import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
+from . import schedule
 from .certinfo import CertInfo
 
 # RFC 9773 4.3.2/4.3.3: honour Retry-After within sane bounds; six hours after errors.
@@ -72,16 +72,8 @@ def parse(body: bytes, retry_after: str | None, now: dt.datetime) -> RenewalInfo
 
 def recheck_delay(retry_after: str | None, now: dt.datetime) -> dt.timedelta:
     """How long until the next fetch: the server's Retry-After, clamped."""
-    delay = ERROR_RECHECK
-    if retry_after:
-        text = retry_after.strip()
-        if text.isdigit():
-            delay = dt.timedelta(seconds=int(text))
-        else:
-            try:
-                delay = parsedate_to_datetime(text) - now
-            except (TypeError, ValueError):
-                delay = ERROR_RECHECK
+    when = schedule.retry_after_at(retry_after, now)
+    delay = when - now if when is not None else ERROR_RECHECK
     return min(max(delay, MIN_RECHECK), MAX_RECHECK)
 
 

@@ -13,14 +13,16 @@ With neither source set and no run-time user ever created, :meth:`UserStore.ensu
 creates ``admin`` with a random password written to ``initial-admin-password``. It does
 so once: an operator who later removes every user gets no new admin behind their back.
 
-Files in ``DATA_DIR/auth`` (0700), all 0600:
+Run-time users and the initial password live in :class:`~.storage.Storage` (keys in
+:mod:`statekeys`; with the file backend ``DATA_DIR/auth``, 0700, files 0600), changed
+under the storage lock ``users``: the agent and a CLI may both write.
 
 ==========================  ==================================================================
-``htpasswd``                the registry's ``auth.htpasswd.path``; bcrypt only; rewritten only
-                            when its content changes, because the registry re-reads on mtime
 ``users.json``              run-time users (name -> bcrypt hash) and whether the admin was made
 ``initial-admin-password``  the generated admin password; deleted once admin's password changes
-``.lock``                   flock held while users change: the agent and the CLI may both write
+``htpasswd``                derived, not stored: the registry's ``auth.htpasswd.path``, a local
+                            file written from the above; bcrypt only; rewritten only when its
+                            content changes, because the registry re-reads on mtime
 ==========================  ==================================================================
 
 No message raised or returned here contains a password or a hash.
@@ -29,7 +31,6 @@ No message raised or returned here contains a password or a hash.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -41,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import bcrypt
-
-from .storage import ensure_private_dir, write_atomic
+from . import statekeys
+from .storage import Storage, ensure_private_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -163,28 +163,18 @@ def _parse(
     return into
 
 
-def parse_auth_users(value: str, source: str = "AUTH_USERS") -> dict[str, Credential]:
-    """``name:password`` entries separated by newlines, or by commas when there is none.
-
-    A password holding a comma therefore needs the newline form or ``AUTH_USERS_FILE``.
-    Surrounding spaces of each entry are dropped, as the registry drops them in htpasswd.
-    """
-    return _parse(_auth_users_entries(value), source, "entry", {})
-
-
 def _auth_users_entries(value: str) -> list[str]:
     return value.splitlines() if "\n" in value else value.split(",")
-
-
-def parse_users_file(text: str, source: str = "AUTH_USERS_FILE") -> dict[str, Credential]:
-    """Lines of ``name:password`` or ``name:<bcrypt hash>``; blank and ``#`` lines skipped."""
-    return _parse(text.splitlines(), source, "line", {})
 
 
 def load_env_users(users: str | None, users_file_text: str | None) -> dict[str, Credential]:
     """The environment's users: ``AUTH_USERS`` and the content of ``AUTH_USERS_FILE``.
 
-    Both may be given; a name defined in both is an error rather than a silent choice.
+    ``AUTH_USERS``: ``name:password`` entries separated by newlines, or by commas when there
+    is none (a password holding a comma needs the newline form or the file). The file:
+    lines of ``name:password`` or ``name:<bcrypt hash>``; blank and ``#`` lines skipped.
+    Surrounding spaces are dropped, as the registry drops them in htpasswd. Both may be
+    given; a name defined in both is an error rather than a silent choice.
     """
     found: dict[str, Credential] = {}
     if users is not None:
@@ -214,10 +204,14 @@ def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
         raise AuthError(problem)
     if not MIN_COST <= cost <= MAX_COST:
         raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
+    import bcrypt  # here, not at the top: config parses users without loading bcrypt
+
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
 
 
 def check_password(password: str, hashed: str) -> bool:
+    import bcrypt
+
     try:
         return bcrypt.checkpw(password.encode(), hashed.encode())
     except ValueError:  # a malformed hash or an over-long password
@@ -269,31 +263,22 @@ class UserStore:
 
     def __init__(
         self,
-        data_dir: Path,
+        storage: Storage,
+        htpasswd_path: Path,
         env_users: Mapping[str, Credential] | None = None,
         *,
         cost: int = DEFAULT_COST,
     ) -> None:
         if not MIN_COST <= cost <= MAX_COST:
             raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
-        self.directory = data_dir / "auth"
+        self.storage = storage
+        # Derived from storage, never read back as the truth: the registry's own file.
+        self.htpasswd_path = htpasswd_path
         self.env_users = dict(env_users or {})
         self.cost = cost
         # Hashes of the environment's plain passwords, made or verified once per process:
         # a new salt on every sync would rewrite the file (and reload the registry) each time.
         self._env_hashes: dict[str, str] = {}
-
-    @property
-    def htpasswd_path(self) -> Path:
-        return self.directory / "htpasswd"
-
-    @property
-    def users_path(self) -> Path:
-        return self.directory / "users.json"
-
-    @property
-    def initial_password_path(self) -> Path:
-        return self.directory / "initial-admin-password"
 
     # -- operations --------------------------------------------------------------------------
 
@@ -349,12 +334,12 @@ class UserStore:
         """
         if self.env_users:
             return None
-        path = self.initial_password_path
+        path = self.storage.where(statekeys.INITIAL_ADMIN_PASSWORD)
         read_it = f"read it with: docker exec <container> cat {path}"
         with self._locked():
             state = self._load()
             if state.users:
-                if INITIAL_ADMIN in state.users and path.exists():
+                if INITIAL_ADMIN in state.users and self._initial_password() is not None:
                     return (
                         f"the initial password of user {INITIAL_ADMIN!r} is in {path}; {read_it} "
                         f"(`acme-registry user add {INITIAL_ADMIN}` sets a new one and deletes it)"
@@ -367,10 +352,10 @@ class UserStore:
                 )
             # A file without a user means a crash between the two writes below: the operator
             # may already have read that password, so it is the one to keep.
-            password = _read_initial_password(path)
+            password = self._initial_password()
             if password is None:
                 password = generate_password()
-                write_atomic(path, password.encode() + b"\n", mode=0o600)
+                self.storage.store(statekeys.INITIAL_ADMIN_PASSWORD, password.encode() + b"\n")
             state.users[INITIAL_ADMIN] = hash_password(password, self.cost)
             state.initial_admin = True
             self._save(state)
@@ -392,41 +377,40 @@ class UserStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        ensure_private_dir(self.directory)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.storage.lock(statekeys.USERS_LOCK):
             yield
-        finally:
-            os.close(fd)
 
     def _load(self) -> _State:
-        try:
-            data = json.loads(self.users_path.read_bytes())
-        except FileNotFoundError:
+        where = self.storage.where(statekeys.USERS)
+        raw = self.storage.load_bytes(statekeys.USERS)
+        if raw is None:
             return _State()
+        try:
+            data = json.loads(raw)
         except ValueError:
-            raise AuthError(
-                f"{self.users_path} is not valid JSON; restore it from a backup"
-            ) from None
+            raise AuthError(f"{where} is not valid JSON; restore it from a backup") from None
         users = data.get("users") if isinstance(data, dict) else None
         if not isinstance(users, dict) or not all(
             isinstance(k, str) and valid_name(k) and isinstance(v, str) and is_bcrypt_hash(v)
             for k, v in users.items()
         ):
             # Refuse rather than drop users: a silently emptied store would lock people out.
-            raise AuthError(f"{self.users_path} has an unexpected layout; restore it from a backup")
+            raise AuthError(f"{where} has an unexpected layout; restore it from a backup")
         return _State(users=dict(users), initial_admin=bool(data.get("initial_admin")))
 
     def _save(self, state: _State) -> None:
-        data = {"version": 1, "users": dict(sorted(state.users.items()))}
+        data: dict[str, Any] = {"version": 1, "users": dict(sorted(state.users.items()))}
         if state.initial_admin:
             data["initial_admin"] = True
-        write_atomic(self.users_path, json.dumps(data, indent=2).encode() + b"\n", mode=0o600)
+        self.storage.store_json(statekeys.USERS, data)
+
+    def _initial_password(self) -> str | None:
+        data = self.storage.load_bytes(statekeys.INITIAL_ADMIN_PASSWORD)
+        password = data.decode(errors="replace").strip() if data is not None else ""
+        return password if password and password_problem(password) is None else None
 
     def _forget_initial_password(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.initial_password_path.unlink()
+        self.storage.delete(statekeys.INITIAL_ADMIN_PASSWORD)
 
     def _env_hash(self, name: str, credential: Credential, current: Mapping[str, str]) -> str:
         if credential.hashed:
@@ -463,6 +447,7 @@ class UserStore:
         data = content.encode()
         if data == old_bytes:
             return False
+        ensure_private_dir(path.parent)
         write_atomic(path, data, mode=0o600)
         # The registry reloads only when the mtime differs from the one it saw, and file
         # times come from a coarse clock: two writes in one tick would look unchanged.
@@ -470,14 +455,6 @@ class UserStore:
         os.utime(path, ns=(stamp, stamp))
         log.info("htpasswd written with %d user(s)", len(entries))
         return True
-
-
-def _read_initial_password(path: Path) -> str | None:
-    try:
-        password = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return password if password and password_problem(password) is None else None
 
 
 # -- the control socket ----------------------------------------------------------------------

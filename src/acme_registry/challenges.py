@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
+from . import statekeys
 from .storage import Storage
 
-PREFIX = "challenges"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
@@ -20,21 +20,21 @@ class PendingChallenges:
         self.storage = storage
 
     def add(self, token: str, key_authorization: str) -> None:
-        self.storage.store(f"{PREFIX}/{_checked(token)}", key_authorization.encode())
+        self.storage.store(statekeys.challenge(_checked(token)), key_authorization.encode())
 
     def remove(self, token: str) -> None:
-        self.storage.delete(f"{PREFIX}/{_checked(token)}")
+        self.storage.delete(statekeys.challenge(_checked(token)))
 
     def lookup(self, token: str) -> str | None:
         """The key authorization for a pending token; None for anything else."""
         if not _TOKEN.match(token):
             return None
-        data = self.storage.load(f"{PREFIX}/{token}")
+        data = self.storage.load_bytes(statekeys.challenge(token))
         return data.decode() if data is not None else None
 
     def clear(self) -> None:
         """Forget every token (after an order, or tokens a killed child left behind)."""
-        for key in self.storage.list(PREFIX):
+        for key in self.storage.list(statekeys.CHALLENGES):
             self.storage.delete(key)
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         from .launcher import launch
 
         return launch(settings)
-    from .issuer import obtain_and_store
+    from .issuer import run
 
-    result = obtain_and_store(settings, replaces=args.replaces, dry_run=args.dry_run)
-    print(json.dumps(result), flush=True)
-    return 0 if result["ok"] else 1
+    result = run(settings, replaces=args.replaces, dry_run=args.dry_run)
+    print(result.to_json(), flush=True)
+    return 0 if result.ok else 1
 
 
 def _settings_or_exit() -> Settings | int:
@@ -176,9 +176,10 @@ def _user(args: argparse.Namespace) -> int:
     """Users go through the running agent: it is the only writer of the htpasswd file."""
     from .control import request
 
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     generated = None
     if args.user_command == "add":
+        password: str | None
         from .auth import generate_password, read_password
 
         if sys.stdin.isatty():
@@ -215,7 +216,7 @@ def _user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_status(answer: dict) -> str:  # type: ignore[type-arg]
+def _format_status(answer: dict[str, Any]) -> str:
     lines = [f"domains:     {', '.join(answer.get('domains', []))}"]
     lines.append(f"directory:   {answer.get('directory')}")
     cert = answer.get("certificate")

@@ -23,18 +23,18 @@ from acme import client as acme_client
 from acme import errors, messages
 from cryptography import x509
 
-from . import __version__, keys
+from . import __version__, issued, keys, schedule, statekeys
 from .account import ACCOUNT_ALG, Account
 from .certstore import CertificatePair, parse_pair
 from .challenges import PendingChallenges
 from .config import Settings
-from .storage import FileStorage
+from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
+from .storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PENDING_ORDER = "orders/pending.json"
 ORDER_TIMEOUT = 180.0
 NETWORK_TIMEOUT = 30
 BAD_NONCE_RETRIES = 10
@@ -46,12 +46,22 @@ POLL_MAX = 2.0
 class IssuanceError(Exception):
     """An order failed; ``str()`` is one line naming the step and the CA's reason.
 
-    ``retry_after`` is when the CA asked us to come back (rate limits), if it said so.
+    ``reason`` is set where the failure is known; ``problem`` is the ACME problem code
+    (``rateLimited``, ``unauthorized``, ...) when the CA sent a problem document;
+    ``retry_after`` is when the CA asked us to come back (aware UTC), if it said so.
     """
 
-    def __init__(self, message: str, retry_after: dt.datetime | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        reason: FailureReason,
+        retry_after: dt.datetime | None = None,
+        problem: str | None = None,
+    ) -> None:
         super().__init__(message)
+        self.reason = reason
         self.retry_after = retry_after
+        self.problem = problem
 
 
 class NewOrder(messages.NewOrder):
@@ -80,13 +90,17 @@ def choose_profile(offered: dict[str, str] | None, wanted: str | None) -> str | 
     """
     if not offered:
         if wanted:
-            raise IssuanceError(f"ACME_PROFILE: the CA offers no profiles, not even {wanted!r}")
+            raise IssuanceError(
+                f"ACME_PROFILE: the CA offers no profiles, not even {wanted!r}",
+                FailureReason.CA_ERROR,
+            )
         return None
     if wanted:
         if wanted not in offered:
             raise IssuanceError(
                 f"ACME_PROFILE: {wanted!r} is not offered by the CA "
-                f"(it offers: {', '.join(sorted(offered))})"
+                f"(it offers: {', '.join(sorted(offered))})",
+                FailureReason.CA_ERROR,
             )
         return wanted
     for standard in ("classic", "default"):
@@ -99,7 +113,7 @@ class Issuer:
     def __init__(
         self,
         settings: Settings,
-        storage: FileStorage,
+        storage: Storage,
         account: Account,
         challenges: PendingChallenges,
     ) -> None:
@@ -192,7 +206,7 @@ class Issuer:
 
     def _remember_pending(self, order_url: str, key: keys.PrivateKey) -> None:
         self.storage.store_json(
-            PENDING_ORDER,
+            statekeys.PENDING_ORDER,
             {
                 "url": order_url,
                 "directory": self.settings.directory,
@@ -205,10 +219,10 @@ class Issuer:
         self, client: acme_client.ClientV2, deadline: float
     ) -> CertificatePair | None:
         """Finish an order an earlier process finalized but did not see through."""
-        pending = self.storage.load_json(PENDING_ORDER)
+        pending = self.storage.load_json(statekeys.PENDING_ORDER)
         if not pending:
             return None
-        self.storage.delete(PENDING_ORDER)
+        self.storage.delete(statekeys.PENDING_ORDER)
         if pending.get("directory") != self.settings.directory or pending.get("names") != list(
             self.settings.domains
         ):
@@ -221,7 +235,7 @@ class Issuer:
             return self._complete(client, pending["url"], key, csr, deadline)
         except (IssuanceError, ValueError, KeyError) as error:
             log.warning("the earlier order cannot be completed (%s); placing a new one", error)
-            self.storage.delete(PENDING_ORDER)
+            self.storage.delete(statekeys.PENDING_ORDER)
             return None
 
     def _complete(
@@ -234,7 +248,7 @@ class Issuer:
     ) -> CertificatePair:
         chain = self._finalize(client, order_url, csr, deadline)
         pair = parse_pair(chain.encode(), keys.key_to_pem(key))
-        self.storage.delete(PENDING_ORDER)
+        self.storage.delete(statekeys.PENDING_ORDER)
         log.info("certificate issued: %s", pair.describe())
         return pair
 
@@ -273,7 +287,9 @@ class Issuer:
                 )
                 log.info("answered the HTTP-01 challenge for %s", name)
                 return token
-        raise IssuanceError(f"the CA offers no HTTP-01 challenge for {name}")
+        raise IssuanceError(
+            f"the CA offers no HTTP-01 challenge for {name}", FailureReason.VALIDATION
+        )
 
     def _wait_authorization(
         self,
@@ -289,8 +305,15 @@ class Issuer:
             if status == messages.STATUS_VALID:
                 return
             if status != messages.STATUS_PENDING:
-                raise IssuanceError(f"validation of {name} failed: {_challenge_error(authz)}")
-            pause = _sleep_before_poll(response, pause, deadline, f"validation of {name}")
+                problem = _challenge_problem(authz)
+                raise IssuanceError(
+                    f"validation of {name} failed: "
+                    f"{_describe(problem) if problem else f'authorization is {status}'}",
+                    reason_for_problem(problem.typ if problem else None, validating=True),
+                )
+            pause = _sleep_before_poll(
+                response, pause, deadline, f"validation of {name}", FailureReason.VALIDATION
+            )
 
     def _finalize(
         self, client: acme_client.ClientV2, order_url: str, csr: bytes, deadline: float
@@ -302,8 +325,11 @@ class Issuer:
             response = self._call("poll order", partial(client._post_as_get, order_url), client)
             body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_INVALID:
-                reason = _describe(body.error) if body.error else "no reason given"
-                raise IssuanceError(f"the CA refused the order: {reason}")
+                why = _describe(body.error) if body.error else "no reason given"
+                raise IssuanceError(
+                    f"the CA refused the order: {why}",
+                    reason_for_problem(body.error.typ if body.error else None),
+                )
             if body.status == messages.STATUS_VALID and body.certificate:
                 chain = self._call(
                     "download certificate", partial(client._post_as_get, body.certificate), client
@@ -315,15 +341,19 @@ class Issuer:
                 finalized = True
                 continue
             if body.status == messages.STATUS_PENDING:
-                raise IssuanceError("the order's authorizations are not valid")
-            pause = _sleep_before_poll(response, pause, deadline, "the order")
+                raise IssuanceError(
+                    "the order's authorizations are not valid", FailureReason.VALIDATION
+                )
+            pause = _sleep_before_poll(
+                response, pause, deadline, "the order", FailureReason.CA_ERROR
+            )
 
     def _call(self, step: str, action: Callable[[], T], client: acme_client.ClientV2) -> T:
         """Run an account-authenticated step, registering again if the CA forgot us."""
         try:
             return self._retry(step, action)
         except IssuanceError as error:
-            if "accountDoesNotExist" not in str(error) and "unauthorized" not in str(error):
+            if error.problem not in ("accountDoesNotExist", "unauthorized"):
                 raise
         log.warning("the CA no longer knows the stored account; registering again")
         self.account.forget()
@@ -332,10 +362,9 @@ class Issuer:
 
     def _retry_after(self) -> dt.datetime | None:
         response = self.net.last_response if self.net else None
-        if response is None or "Retry-After" not in response.headers:
+        if response is None:
             return None
-        when = acme_client.ClientV2.retry_after(response, default=0)
-        return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when
+        return schedule.retry_after_at(response.headers.get("Retry-After"), dt.datetime.now(dt.UTC))
 
     def _retry(self, step: str, action: Callable[[], T]) -> T:
         bad_nonces = transient = 0
@@ -354,31 +383,60 @@ class Issuer:
                     transient += 1
                     time.sleep(0.25 * 2**transient)
                     continue
-                raise IssuanceError(f"{step}: {_describe(error)}", self._retry_after()) from None
-            except errors.ConflictError:
-                # A 409 (alreadyReplaced, for one): the library keeps no problem document.
-                raise IssuanceError(f"{step}: the CA answered 409 Conflict") from None
+                raise failure(step, error, self._retry_after()) from None
+            except errors.ConflictError as error:
+                raise failure(step, error) from None
             except (requests.ConnectionError, requests.Timeout, errors.ClientError) as error:
                 if transient < TRANSIENT_RETRIES and not _is_client_side(error):
                     transient += 1
                     log.warning("%s: %s; retrying", step, _short(error))
                     time.sleep(0.25 * 2**transient)
                     continue
-                raise IssuanceError(f"{step}: {_short(error)}") from None
+                raise failure(step, error) from None
+
+
+def failure(step: str, error: Exception, retry_after: dt.datetime | None = None) -> IssuanceError:
+    """The IssuanceError for a request of ``step`` that failed with ``error``.
+
+    The reason comes from what is known here: the problem document's type, else the
+    exception's class (no answer at all is the network; an HTTP error status is the CA's).
+    """
+    if isinstance(error, messages.Error):
+        return IssuanceError(
+            f"{step}: {_describe(error)}",
+            reason_for_problem(error.typ),
+            retry_after,
+            problem_code(error.typ) or None,
+        )
+    if isinstance(error, errors.ConflictError):
+        # A 409 (alreadyReplaced, for one): the library keeps no problem document.
+        return IssuanceError(f"{step}: the CA answered 409 Conflict", FailureReason.CA_ERROR)
+    if isinstance(error, requests.ConnectionError | requests.Timeout):
+        return IssuanceError(f"{step}: {_short(error)}", FailureReason.NETWORK, retry_after)
+    return IssuanceError(f"{step}: {_short(error)}", FailureReason.CA_ERROR, retry_after)
 
 
 def _sleep_before_poll(
-    response: requests.Response, pause: float, deadline: float, what: str
+    response: requests.Response,
+    pause: float,
+    deadline: float,
+    what: str,
+    reason: FailureReason,
 ) -> float:
-    """Sleep before the next poll: Retry-After when the CA gives one, else a short backoff."""
+    """Sleep before the next poll: Retry-After when the CA gives one, else a short backoff.
+
+    ``reason`` is what running out of time means here (a validation that never ends, or
+    a CA that never finishes the order).
+    """
     wait = pause
     header = response.headers.get("Retry-After")
     if header:
-        when = acme_client.ClientV2.retry_after(response, default=1)
-        wait = max(0.0, (when - dt.datetime.now()).total_seconds())
+        now = dt.datetime.now(dt.UTC)
+        when = schedule.retry_after_at(header, now) or now + dt.timedelta(seconds=1)
+        wait = max(0.0, (when - now).total_seconds())
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise IssuanceError(f"timed out waiting for {what}")
+        raise IssuanceError(f"timed out waiting for {what}", reason)
     time.sleep(min(wait, remaining))
     return min(pause * 2, POLL_MAX)
 
@@ -391,11 +449,11 @@ def _offers_ari(directory: messages.Directory) -> bool:
     return True
 
 
-def _challenge_error(authz: messages.AuthorizationResource) -> str:
+def _challenge_problem(authz: messages.AuthorizationResource) -> messages.Error | None:
     for challb in authz.body.challenges:
         if challb.error is not None:
-            return _describe(challb.error)
-    return f"authorization is {authz.body.status}"
+            return challb.error
+    return None
 
 
 def _describe(error: messages.Error) -> str:
@@ -421,59 +479,55 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-def obtain_and_store(
-    settings: Settings, replaces: str | None = None, dry_run: bool = False
-) -> dict[str, object]:
-    """The issuing child process: one order, then the pair into CERT_DIR.
+def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) -> IssuanceResult:
+    """The issuing child process: one order, then (a step of its own) storing what it got.
 
-    The issuance record goes to DATA_DIR before the pair is switched in, so a pair in
-    CERT_DIR that we issued always has its record (and its directory) on file. A dry run
-    orders from the dry-run directory and stores nothing.
+    A dry run orders from the dry-run directory and stores nothing. The result always
+    comes back, whatever failed: the agent counts it and backs off by its reason.
     """
-    from .certstore import CertStore
-
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
     storage = FileStorage(settings.data_dir)
     started = time.monotonic()
     issuer: Issuer | None = None
+
+    def failed(
+        error: str, reason: FailureReason, retry_after: dt.datetime | None = None
+    ) -> IssuanceResult:
+        log.error("%s", error)
+        return IssuanceResult.failure(
+            error,
+            reason,
+            retry_after=retry_after,
+            seconds=time.monotonic() - started,
+            timings=issuer.timings if issuer else (),
+        )
+
     try:
-        with storage.lock("issuance"):
+        with storage.lock(statekeys.ISSUANCE_LOCK):
             issuer = Issuer(
                 settings, storage, Account(settings, storage), PendingChallenges(storage)
             )
             pair = issuer.obtain(replaces=replaces)
             if not dry_run:
-                storage.store_json(
-                    f"issued/{pair.fingerprint}.json",
-                    {
-                        "directory": settings.directory,
-                        "issued_at": dt.datetime.now(dt.UTC).isoformat(),
-                        "names": sorted(pair.names),
-                    },
-                )
-                CertStore(settings.cert_dir).save(pair)
+                issued.store_issued(settings, storage, pair)
     except IssuanceError as error:
-        log.error("%s", error)
-        retry_after = error.retry_after.isoformat() if error.retry_after else None
-        return {
-            "ok": False,
-            "error": str(error),
-            "retry_after": retry_after,
-            "seconds": time.monotonic() - started,
-            "timings": issuer.timings if issuer else [],
-        }
+        return failed(str(error), error.reason, error.retry_after)
     except OSError as error:
-        message = f"cannot store the certificate: {error.strerror}: {error.filename}"
-        log.error("%s", message)
-        return {"ok": False, "error": message, "seconds": time.monotonic() - started}
-    return {
-        "ok": True,
-        "fingerprint": pair.fingerprint,
-        "serial": f"{pair.serial:x}",
-        "not_after": pair.not_after.isoformat(),
-        "dry_run": dry_run,
-        "seconds": time.monotonic() - started,
-        "timings": issuer.timings,
-    }
+        return failed(
+            f"cannot store the certificate: {error.strerror}: {error.filename}",
+            FailureReason.STORAGE,
+        )
+    except Exception as error:  # the agent must get an answer, not a traceback
+        log.exception("the order failed unexpectedly")
+        return failed(f"unexpected error: {type(error).__name__}: {error}", FailureReason.OTHER)
+    return IssuanceResult(
+        ok=True,
+        fingerprint=pair.fingerprint,
+        serial=f"{pair.serial:x}",
+        not_after=pair.not_after,
+        dry_run=dry_run,
+        seconds=time.monotonic() - started,
+        timings=tuple(issuer.timings),
+    )

@@ -224,7 +224,7 @@ def _run_supervisord(conf: Path, agent: Agent) -> int:
             log.exception("the agent failed")
             give_up("the agent")
 
-    class Supervisord(supervisord.Supervisor):  # type: ignore[misc]
+    class Supervisord(supervisord.Supervisor):
         def runforever(self) -> None:
             # run() clears every event subscription just before this; subscribe here.
             events.subscribe(events.ProcessStateFatalEvent, on_fatal)

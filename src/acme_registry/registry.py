@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import configparser
 import errno
+import hashlib
+import http.client
 import json
 import logging
 import os
 import secrets
+import socket
+import ssl
 import time
 import xmlrpc.client
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import listeners
+from . import listeners, statekeys
 from .config import ListenAddress, Settings
 from .registry_socket import RegistrySocket
-from .storage import Storage, write_atomic
+from .storage import Storage, StorageConflict, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +68,15 @@ def generation_count(conf_text: str) -> int:
 
 def http_secret(storage: Storage) -> str:
     """The registry's http.secret, generated once: uploads then survive a rotation."""
-    stored = storage.load("registry/http-secret")
+    stored = storage.load_bytes(statekeys.HTTP_SECRET)
     if stored:
         return stored.decode().strip()
     secret = secrets.token_urlsafe(32)
-    storage.store("registry/http-secret", secret.encode() + b"\n")
+    try:
+        storage.store(statekeys.HTTP_SECRET, secret.encode() + b"\n", if_absent=True)
+    except StorageConflict:
+        # Another process made it first: every generation (and replica) needs the same one.
+        return http_secret(storage)
     return secret
 
 
@@ -311,3 +320,54 @@ def _open_fifo_writer(path: Path, timeout: float) -> int | None:
         os.set_blocking(fd, True)
         return fd
     return None
+
+
+# -- the readiness probe ---------------------------------------------------------------------
+
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class RegistryProbe:
+    """What one connection to the registry found: the served leaf, the status of ``/v2/``."""
+
+    fingerprint: str | None  # SHA-256 of the served leaf; None when TLS did not come up
+    status: int | None  # None when the request got no HTTP answer
+
+
+def probe_registry(
+    addr: ListenAddress, server_name: str, *, request: bool = True, timeout: float = PROBE_TIMEOUT
+) -> RegistryProbe:
+    """Handshake with the registry and (with ``request``) ask ``GET /v2/``, on ONE connection.
+
+    The served leaf is compared with the stored one instead of verifying a chain: the
+    question is "does this registry serve our current pair", not "is the CA trusted".
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        raw = socket.create_connection((addr.connect_host(), addr.port), timeout=timeout)
+    except OSError:
+        return RegistryProbe(None, None)
+    try:
+        tls = context.wrap_socket(raw, server_hostname=server_name)
+    except (OSError, ssl.SSLError):
+        raw.close()
+        return RegistryProbe(None, None)
+    der = tls.getpeercert(binary_form=True)
+    fingerprint = hashlib.sha256(der).hexdigest() if der else None
+    if not request:
+        tls.close()
+        return RegistryProbe(fingerprint, None)
+    # http.client on the socket we already hold: it connects only when it has none.
+    conn = http.client.HTTPConnection(server_name, addr.port, timeout=timeout)
+    conn.sock = tls
+    try:
+        conn.request("GET", "/v2/", headers={"User-Agent": "acme-registry-probe"})
+        status: int | None = conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        status = None
+    finally:
+        conn.close()
+    return RegistryProbe(fingerprint, status)

@@ -19,9 +19,9 @@ from acme_registry.admin import (
     FAILURE_REASONS,
     AdminServer,
     Metrics,
-    classify_error,
     step_label,
 )
+from acme_registry.outcome import FailureReason, IssuanceResult
 
 NOT_BEFORE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 NOT_AFTER = dt.datetime(2026, 4, 1, tzinfo=dt.UTC)
@@ -208,15 +208,18 @@ def test_a_name_dropped_from_the_certificate_disappears(server):
 def test_record_issuance_from_the_child_answer(server):
     metrics = server.metrics
     ok = {"ok": True, "timings": [["directory", 0.01], ["new order", 0.05], ["finalize", 0.3]]}
-    assert metrics.record_issuance(ok, 2.0) is None
+    assert metrics.record_issuance(IssuanceResult.from_mapping(ok), 2.0) is None
     failed = {
         "ok": False,
         "error": "validation of registry.test failed: connection: Connection refused",
+        "reason": "validation",
         "timings": {"directory": 0.02, "weird step": 1.0},
     }
-    assert metrics.record_issuance(failed, 1.0) == "validation"
+    reason = metrics.record_issuance(IssuanceResult.from_mapping(failed), 1.0)
+    assert reason is FailureReason.VALIDATION and reason == "validation"
     # A malformed answer still counts the attempt and the failure.
-    assert metrics.record_issuance({"timings": [["x"], None, "ab", [1, "nan?"]]}, 0.5) == "other"
+    malformed = IssuanceResult.from_mapping({"timings": [["x"], None, "ab", [1, "nan?"]]})
+    assert metrics.record_issuance(malformed, 0.5) == "other"
 
     found = families(server)
     assert (
@@ -281,48 +284,6 @@ def test_every_address_listens_on_ipv4_and_ipv6(readiness):
 def test_a_taken_port_is_an_error(server, readiness):
     with pytest.raises(OSError):
         AdminServer("127.0.0.1", server.port, Metrics(), readiness).start()
-
-
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [
-        (
-            "validation of registry.test failed: unauthorized: Invalid response from x: 404",
-            "validation",
-        ),
-        ("validation of a.test failed: connection: Connection refused", "validation"),
-        ("validation of a.test failed: dns: DNS problem: NXDOMAIN looking up A", "validation"),
-        ("the CA offers no HTTP-01 challenge for a.test", "validation"),
-        ("timed out waiting for validation of a.test", "validation"),
-        ("the CA refused the order: CAA record for a.test prevents issuance", "validation"),
-        ("new order: rateLimited: too many certificates already issued", "rate_limited"),
-        ("account registration: rateLimited: Your IP is rate limited", "rate_limited"),
-        (
-            "directory: ConnectionError: HTTPSConnectionPool(host='ca', port=443): Max retries",
-            "network",
-        ),
-        (
-            "directory: ReadTimeout: HTTPSConnectionPool read timed out. (read timeout=30)",
-            "network",
-        ),
-        ("new order: SSLError: certificate verify failed", "network"),
-        ("directory: HTTP 500 from https://ca.test/dir", "ca_error"),
-        ("new order: serverInternal: oops", "ca_error"),
-        ("finalize: badCSR: key too small", "ca_error"),
-        ("new order: unauthorized: account is deactivated", "ca_error"),
-        ("account registration: externalAccountRequired: EAB needed", "ca_error"),
-        ("new order: rejectedIdentifier: name forbidden by policy", "ca_error"),
-        ("the CA refused the order: no reason given", "ca_error"),
-        ("timed out waiting for the order", "ca_error"),
-        ("cannot store the certificate: No space left on device: /certs/x", "storage"),
-        ("cannot store the certificate: Read-only file system: /certs/x", "storage"),
-        ("the issuing process gave no answer", "other"),
-        ("", "other"),
-    ],
-)
-def test_classify_error(message, reason):
-    assert classify_error(message) == reason
-    assert reason in FAILURE_REASONS
 
 
 def test_step_labels_are_bounded():

@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from acme_registry.auth import UserStore, load_env_users, registry_auth_config
 from tests.support.clients import Skopeo
 from tests.support.ports import free_port
+from tests.support.users import auth_dir, user_store
 
 NAME = "registry.test"
 REALM = "acme-registry-test"
@@ -211,7 +212,7 @@ def start_registry(tmp_path: Path, registry_binary: Path, tls: TLSFiles) -> Iter
 
 
 def env_store(tmp_path: Path, users: str | None = None, file_text: str | None = None) -> UserStore:
-    return UserStore(tmp_path / "data", load_env_users(users, file_text), cost=COST)
+    return user_store(tmp_path / "data", load_env_users(users, file_text), cost=COST)
 
 
 def test_no_wrong_and_right_credentials(tmp_path, start_registry):
@@ -264,7 +265,7 @@ def test_bcrypt_hashes_from_a_users_file_and_the_default_cost(tmp_path, start_re
     # htpasswd -B writes $2y$; Python's bcrypt writes $2b$: the registry must take both.
     h2y = "$2y$" + bcrypt.hashpw(b"carol-pw", bcrypt.gensalt(COST)).decode()[4:]
     text = f"# from htpasswd -B\ncarol:{h2y}\ndave:dave-pw\n"
-    store = UserStore(tmp_path / "data", load_env_users(None, text))  # default cost 10
+    store = user_store(tmp_path / "data", load_env_users(None, text))  # default cost 10
     store.sync_htpasswd()
     registry = start_registry(store)
     assert registry.status("carol", "carol-pw") == 200
@@ -273,10 +274,10 @@ def test_bcrypt_hashes_from_a_users_file_and_the_default_cost(tmp_path, start_re
 
 
 def test_the_initial_admin_logs_in(tmp_path, start_registry):
-    store = UserStore(tmp_path / "data", {}, cost=COST)
+    store = user_store(tmp_path / "data", {}, cost=COST)
     message = store.ensure_initial_admin()
     assert message is not None
-    password = store.initial_password_path.read_text().strip()
+    password = (auth_dir(tmp_path / "data") / "initial-admin-password").read_text().strip()
     registry = start_registry(store)
     assert registry.status("admin", password) == 200
     assert registry.status("admin", "admin") == 401

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support.agent import (
@@ -43,6 +44,26 @@ def test_renew_rotates_the_registry_to_the_new_certificate(
     finally:
         assert agent.stop() == 0
     assert "registry generation registry:registry-1 replaced registry:registry-0" in agent.log()
+
+
+def test_two_concurrent_renewals_both_get_their_answer(tmp_path, pebble_factory, registry_binary):
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary)
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: agent.cli("renew", timeout=240), range(2)))
+        for result in results:
+            assert result.returncode == 0, result.stderr + agent.log()
+            assert "now serving serial" in result.stdout
+        # One attempt may answer both, or the later request gets an attempt of its own.
+        assert pebble.orders_created() in (2, 3)
+        agent.wait_ready()
+        serial = status(agent)["certificate"]["serial"]
+        assert any(f"serial {serial}," in result.stdout for result in results)
+    finally:
+        assert agent.stop() == 0
 
 
 def test_failures_back_off_and_the_backoff_survives_restarts(

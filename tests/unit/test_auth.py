@@ -18,9 +18,8 @@ from acme_registry.auth import (
     UsersFormatError,
     UserStore,
     load_env_users,
-    parse_auth_users,
-    parse_users_file,
 )
+from tests.support.users import auth_dir, user_store
 
 COST = 4  # the lowest bcrypt cost: these tests hash a lot
 SECRET = "Sup3r-s3cret-value"
@@ -39,7 +38,7 @@ def mode(path: Path) -> int:
 
 
 def test_auth_users_comma_separated():
-    users = parse_auth_users(f"alice:{SECRET}, bob:pa ss:word ,carol.x_1-2:x")
+    users = load_env_users(f"alice:{SECRET}, bob:pa ss:word ,carol.x_1-2:x", None)
     assert list(users) == ["alice", "bob", "carol.x_1-2"]
     assert users["alice"] == Credential(SECRET, hashed=False, source="AUTH_USERS")
     # Only the first colon separates; inner spaces and colons belong to the password.
@@ -47,14 +46,14 @@ def test_auth_users_comma_separated():
 
 
 def test_auth_users_newline_separated_allows_commas_in_passwords():
-    users = parse_auth_users("alice:a,b,c\n\nbob:x\n")
+    users = load_env_users("alice:a,b,c\n\nbob:x\n", None)
     assert {n: c.secret for n, c in users.items()} == {"alice": "a,b,c", "bob": "x"}
 
 
 def test_users_file_plain_and_bcrypt_lines():
     h2y, h2a, h2b = hashed("one", "$2y$"), hashed("two", "$2a$"), hashed("three")
     text = f"# team\n\nalice:{h2y}\n  bob:{h2a}  \ncarol:{h2b}\n# dave:old\nerin:plain pw\n"
-    users = parse_users_file(text)
+    users = load_env_users(None, text)
     assert list(users) == ["alice", "bob", "carol", "erin"]
     assert users["alice"] == Credential(h2y, hashed=True, source="AUTH_USERS_FILE")
     assert users["bob"].secret == h2a and users["bob"].hashed
@@ -84,7 +83,7 @@ def test_credential_repr_hides_the_secret():
 )
 def test_users_file_errors_name_the_line_and_never_the_password(text, expected):
     with pytest.raises(UsersFormatError) as caught:
-        parse_users_file(text)
+        load_env_users(None, text)
     error = caught.value
     assert expected in str(error)
     assert error.source == "AUTH_USERS_FILE"
@@ -95,13 +94,13 @@ def test_users_file_errors_name_the_line_and_never_the_password(text, expected):
 
 def test_auth_users_errors_name_the_entry():
     with pytest.raises(UsersFormatError) as caught:
-        parse_auth_users(f"alice:x,{SECRET}")
+        load_env_users(f"alice:x,{SECRET}", None)
     assert str(caught.value) == "AUTH_USERS: entry 2: expected name:password"
 
 
 def test_a_bcrypt_hash_in_auth_users_is_kept():
     value = hashed("pw")
-    assert parse_auth_users(f"ci:{value}")["ci"] == Credential(value, True, "AUTH_USERS")
+    assert load_env_users(f"ci:{value}", None)["ci"] == Credential(value, True, "AUTH_USERS")
 
 
 def test_load_env_users_merges_both_sources():
@@ -150,7 +149,7 @@ def test_cost_out_of_range(cost, tmp_path):
     with pytest.raises(AuthError):
         auth.hash_password("pw", cost=cost)
     with pytest.raises(AuthError):
-        UserStore(tmp_path, cost=cost)
+        user_store(tmp_path, cost=cost)
 
 
 def test_generated_passwords_are_long_and_distinct():
@@ -176,7 +175,7 @@ def test_registry_auth_config(tmp_path):
 
 
 def store(tmp_path: Path, env: str | None = None, file_text: str | None = None) -> UserStore:
-    return UserStore(tmp_path / "data", load_env_users(env, file_text), cost=COST)
+    return user_store(tmp_path / "data", load_env_users(env, file_text), cost=COST)
 
 
 def htpasswd(s: UserStore) -> dict[str, str]:
@@ -199,12 +198,16 @@ def test_add_list_remove_and_file_modes(tmp_path):
     with pytest.raises(AuthError, match="no user 'bob'"):
         s.remove("bob")
 
-    assert mode(s.directory) == 0o700
-    for path in (s.htpasswd_path, s.users_path):
+    assert mode(auth_dir(tmp_path / "data")) == 0o700
+    for path in (s.htpasswd_path, (auth_dir(tmp_path / "data") / "users.json")):
         assert mode(path) == 0o600
-    stored = json.loads(s.users_path.read_text())
+    stored = json.loads((auth_dir(tmp_path / "data") / "users.json").read_text())
     assert set(stored["users"]) == {"carol"}
-    assert SECRET not in s.users_path.read_text() + s.htpasswd_path.read_text()
+    assert (
+        SECRET
+        not in (auth_dir(tmp_path / "data") / "users.json").read_text()
+        + s.htpasswd_path.read_text()
+    )
 
 
 def test_add_rejects_bad_names_and_passwords_without_echoing(tmp_path):
@@ -214,7 +217,7 @@ def test_add_rejects_bad_names_and_passwords_without_echoing(tmp_path):
     with pytest.raises(AuthError) as caught:
         s.add("bob", SECRET * 5)
     assert SECRET not in str(caught.value)
-    assert not s.users_path.exists()
+    assert not (auth_dir(tmp_path / "data") / "users.json").exists()
 
 
 def test_environment_users_are_always_there_and_cannot_be_changed(tmp_path):
@@ -277,7 +280,7 @@ def test_a_hand_edited_htpasswd_is_put_back(tmp_path):
 def test_initial_admin_is_created_once_and_never_logged(tmp_path):
     s = store(tmp_path)
     message = s.ensure_initial_admin()
-    path = s.initial_password_path
+    path = auth_dir(tmp_path / "data") / "initial-admin-password"
     assert message is not None
     assert str(path) in message
     assert f"docker exec <container> cat {path}" in message
@@ -300,7 +303,7 @@ def test_changing_the_admin_password_deletes_the_initial_one(tmp_path):
     s = store(tmp_path)
     s.ensure_initial_admin()
     s.add("admin", "chosen by the operator")
-    assert not s.initial_password_path.exists()
+    assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
     assert s.ensure_initial_admin() is None
 
 
@@ -308,7 +311,7 @@ def test_no_new_admin_after_every_user_was_removed(tmp_path):
     s = store(tmp_path)
     s.ensure_initial_admin()
     s.remove("admin")
-    assert not s.initial_password_path.exists()
+    assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
     message = store(tmp_path).ensure_initial_admin()
     assert message is not None and "every request is refused" in message
     assert s.list() == {}
@@ -321,14 +324,16 @@ def test_no_initial_admin_with_environment_or_run_time_users(tmp_path):
     s.add("bob", "b")
     assert s.ensure_initial_admin() is None
     assert s.list() == {"bob": "run-time"}
-    assert not s.initial_password_path.exists()
+    assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
 
 
 def test_initial_password_file_without_user_is_reused(tmp_path):
     # As after a crash between writing the password file and users.json.
     s = store(tmp_path)
-    s.directory.mkdir(parents=True)
-    s.initial_password_path.write_text("already-read-by-the-operator\n")
+    auth_dir(tmp_path / "data").mkdir(parents=True)
+    (auth_dir(tmp_path / "data") / "initial-admin-password").write_text(
+        "already-read-by-the-operator\n"
+    )
     assert s.ensure_initial_admin() is not None
     assert bcrypt.checkpw(b"already-read-by-the-operator", htpasswd(s)["admin"].encode())
 
@@ -338,13 +343,13 @@ def test_initial_password_file_without_user_is_reused(tmp_path):
 )
 def test_a_damaged_users_file_is_an_error_not_an_empty_store(tmp_path, content):
     s = store(tmp_path)
-    s.directory.mkdir(parents=True)
-    s.users_path.write_text(content)
+    auth_dir(tmp_path / "data").mkdir(parents=True)
+    (auth_dir(tmp_path / "data") / "users.json").write_text(content)
     with pytest.raises(AuthError, match=r"users\.json"):
         s.list()
     with pytest.raises(AuthError):
         s.ensure_initial_admin()
-    assert not s.initial_password_path.exists()
+    assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
 
 
 def test_control_handlers(tmp_path):
@@ -380,4 +385,14 @@ def test_two_stores_on_one_directory_do_not_lose_users(tmp_path):
         thread.join()
     assert len(stores[0].list()) == 20
     assert len(htpasswd(stores[0])) == 20
-    assert not [n for n in os.listdir(stores[0].directory) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(stores[0].htpasswd_path.parent) if n.endswith(".tmp")]
+
+
+def test_reading_the_configuration_does_not_load_bcrypt():
+    # Every command reads the configuration; only those that hash need bcrypt.
+    import subprocess
+    import sys
+
+    code = "import sys, acme_registry.config; print('bcrypt' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"
