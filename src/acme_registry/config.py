@@ -19,9 +19,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .auth import Credential, UsersFormatError, load_env_users
+
+if TYPE_CHECKING:
+    from .dnsconfig import DnsSettings
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,18 @@ class Settings:
     # The longest wait between two ARI fetches (Let's Encrypt: at least twice a day).
     # Internal: tests shorten it with ACME_REGISTRY_ARI_MAX_RECHECK (seconds).
     ari_max_recheck: dt.timedelta = dt.timedelta(hours=12)
+    # ACME_CHALLENGE and the DNS_* settings (dnsconfig.DnsSettings; None only when built
+    # by hand, which means http-01).
+    dns: DnsSettings | None = field(default=None, repr=False)
+
+    @property
+    def challenge(self) -> str:
+        return self.dns.challenge if self.dns is not None else "http-01"
+
+    @property
+    def ip_addresses(self) -> tuple[str, ...]:
+        """The IP addresses among the names (they are IP identifiers in the order)."""
+        return tuple(name for name in self.domains if is_ip(name))
 
     @property
     def directory_id(self) -> str:
@@ -164,8 +180,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Validate the environment into :class:`Settings`, or raise :class:`ConfigError`."""
     env = _without_service_links(os.environ if environ is None else environ)
     _reject_unknown_acme_variables(env)
+    dns = _dns_settings(env)
 
-    domains = _domains(env.get("ACME_DOMAINS", ""))
+    domains = _domains(env.get("ACME_DOMAINS", ""), dns.challenge)
     cert_dir = _absolute_dir(env, "CERT_DIR", "/certs")
     data_dir = _absolute_dir(env, "DATA_DIR", "/data")
     # A unix socket path must fit in sun_path (108 bytes on Linux).
@@ -220,7 +237,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ari_max_recheck=dt.timedelta(
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
+        dns=dns,
     )
+
+
+def _dns_settings(env: Mapping[str, str]) -> DnsSettings:
+    # Imported here: dnsconfig imports ConfigError from this module.
+    from . import dnsconfig
+
+    dnsconfig.reject_unknown_dns_variables(env)
+    return dnsconfig.load_dns_settings(env)
+
+
+def known_variables() -> tuple[str, ...]:
+    """Every variable this program reads, the DNS ones included."""
+    from . import dnsconfig
+
+    return KNOWN_VARIABLES + dnsconfig.KNOWN_VARIABLES
 
 
 # Kubernetes injects these for every Service in the namespace (a Service "acme" gives
@@ -259,7 +292,7 @@ def _without_service_links(env: Mapping[str, str]) -> dict[str, str]:
     kept = {}
     for name, value in env.items():
         if is_service_link(name, value):
-            if name in KNOWN_VARIABLES:
+            if name in known_variables():
                 log.warning("%s=%s looks like a Kubernetes Service link; ignored", name, value)
             continue
         kept[name] = value
@@ -270,36 +303,46 @@ def _reject_unknown_acme_variables(env: Mapping[str, str]) -> None:
     for name in sorted(env):
         internal = name.startswith("ACME_REGISTRY_")  # set by `acme-registry run`
         ours = name.startswith(("ACME_", "AUTH_"))
-        if ours and name not in KNOWN_VARIABLES and not internal:
-            hint = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1)
+        if ours and name not in known_variables() and not internal:
+            hint = difflib.get_close_matches(name, known_variables(), n=1)
             suggestion = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigError(name, f"unknown setting{suggestion}")
 
 
-def _domains(raw: str) -> tuple[str, ...]:
+def _domains(raw: str, challenge: str = "http-01") -> tuple[str, ...]:
+    """The names: DNS names, wildcards (DNS challenges only) and IP addresses (http-01 only)."""
+    from . import dnsconfig
+
     if not raw.strip():
         raise ConfigError("ACME_DOMAINS", "required: the names to obtain a certificate for")
     names: list[str] = []
     for part in raw.split(","):
-        name = part.strip().lower().rstrip(".")
+        name = part.strip().lower()
+        # An IP in its canonical text form: the one a certificate's SAN and the order show.
+        name = _canonical_ip(name) if is_ip(name) else name.rstrip(".")
         if not name:
             raise ConfigError("ACME_DOMAINS", "empty name in the list")
-        if name.startswith("*."):
-            raise ConfigError("ACME_DOMAINS", f"{name!r} is a wildcard; HTTP-01 cannot prove it")
-        if _is_ip(name):
-            raise ConfigError("ACME_DOMAINS", f"{name!r} is an IP address; give a DNS name")
-        labels = name.split(".")
-        if len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels):
+        labels = name.removeprefix("*.").split(".")
+        plain = not is_ip(name) and "*" not in name
+        if plain and (
+            len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels)
+        ):
             raise ConfigError("ACME_DOMAINS", f"{part.strip()!r} is not a valid DNS name")
         if name in names:
             raise ConfigError("ACME_DOMAINS", f"{name!r} is listed twice")
         names.append(name)
     if len(names) > 100:
         raise ConfigError("ACME_DOMAINS", f"{len(names)} names; a certificate holds at most 100")
+    dnsconfig.check_names(names, challenge)
     return tuple(names)
 
 
-def _is_ip(text: str) -> bool:
+def _canonical_ip(text: str) -> str:
+    return str(ipaddress.ip_address(text.strip("[]")))
+
+
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (IPv6 possibly in brackets)."""
     try:
         ipaddress.ip_address(text.strip("[]"))
     except ValueError:
@@ -428,7 +471,7 @@ def _listen_address(variable: str, raw: str) -> ListenAddress:
         if not host.endswith("]"):
             raise ConfigError(variable, f"{raw!r} has an unclosed '['")
         host = host[1:-1]
-    if host and not _is_ip(host) and host != "localhost":
+    if host and not is_ip(host) and host != "localhost":
         raise ConfigError(variable, f"{host!r} is not an IP address (use :port for every address)")
     return ListenAddress(host, _port(variable, port))
 

@@ -52,13 +52,21 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
+EXEC_HOOK = {"ACME_CHALLENGE": "dns-01", "DNS_PROVIDER": "exec", "DNS_EXEC_COMMAND": "/bin/true"}
+RFC2136 = {
+    "ACME_CHALLENGE": "dns-01",
+    "DNS_PROVIDER": "rfc2136",
+    "DNS_RFC2136_SERVER": "127.0.0.1",
+    "DNS_RFC2136_TSIG_KEY_NAME": "acme-key",
+    "DNS_RFC2136_TSIG_SECRET": "c2VjcmV0c2VjcmV0c2VjcmV0",
+}
+
 # (name, changes to the valid base environment, variable named, fragment of the message)
 INVALID = [
     ("domains missing", {"ACME_DOMAINS": None}, "ACME_DOMAINS", "required"),
     ("domains blank", {"ACME_DOMAINS": "  "}, "ACME_DOMAINS", "required"),
     ("underscore", {"ACME_DOMAINS": "bad_name.test"}, "ACME_DOMAINS", "not a valid DNS name"),
     ("wildcard", {"ACME_DOMAINS": "*.example.com"}, "ACME_DOMAINS", "wildcard"),
-    ("ip address", {"ACME_DOMAINS": "192.0.2.7"}, "ACME_DOMAINS", "IP address"),
     ("duplicate", {"ACME_DOMAINS": "a.test,A.test"}, "ACME_DOMAINS", "listed twice"),
     ("empty item", {"ACME_DOMAINS": "a.test,,b.test"}, "ACME_DOMAINS", "empty name"),
     ("single label", {"ACME_DOMAINS": "localhost"}, "ACME_DOMAINS", "not a valid DNS name"),
@@ -135,6 +143,36 @@ INVALID = [
     ("admin on registry port", {"ADMIN_ADDR": "@registryaddr"}, "ADMIN_ADDR", "already used"),
     ("admin addr", {"ADMIN_ADDR": "9180"}, "ADMIN_ADDR", "host:port"),
     ("log format", {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "json"),
+    ("challenge", {"ACME_CHALLENGE": "tls-alpn-01"}, "ACME_CHALLENGE", "dns-01"),
+    ("dns-01 without provider", {"ACME_CHALLENGE": "dns-01"}, "DNS_PROVIDER", "required"),
+    ("provider with http-01", {"DNS_PROVIDER": "exec"}, "DNS_PROVIDER", "not used"),
+    ("dns typo", {"DNS_SERVR": "x"}, "DNS_SERVR", "did you mean DNS_RFC2136_SERVER"),
+    ("ip with dns-01", {**EXEC_HOOK, "ACME_DOMAINS": "192.0.2.7"}, "ACME_DOMAINS", "IP address"),
+    (
+        "wildcard with dns-persist-01 and an ip",
+        {"ACME_CHALLENGE": "dns-persist-01", "ACME_DOMAINS": "*.registry.test,::1"},
+        "ACME_DOMAINS",
+        "IP address",
+    ),
+    (
+        "tsig secret not base64",
+        {**RFC2136, "DNS_RFC2136_TSIG_SECRET": "not base64!!"},
+        "DNS_RFC2136_TSIG_SECRET",
+        "base64",
+    ),
+    (
+        "tsig algorithm",
+        {**RFC2136, "DNS_RFC2136_TSIG_ALGORITHM": "hmac-sha3"},
+        "DNS_RFC2136_TSIG_ALGORITHM",
+        "hmac-sha256",
+    ),
+    (
+        "exec not executable",
+        {**EXEC_HOOK, "DNS_EXEC_COMMAND": "/nonexistent/hook"},
+        "DNS_EXEC_COMMAND",
+        "executable",
+    ),
+    ("rfc2136 server missing", {**RFC2136, "DNS_RFC2136_SERVER": None}, "DNS_RFC2136_SERVER", ""),
 ]
 
 

@@ -97,3 +97,48 @@ def test_a_port_that_is_not_a_link_is_still_checked():
     with pytest.raises(ConfigError) as error:
         load_settings({**BASE, "ACME_HTTP_PORT": "tcp://x"})
     assert error.value.variable == "ACME_HTTP_PORT"
+
+
+DNS01 = {
+    "ACME_CHALLENGE": "dns-01",
+    "DNS_PROVIDER": "exec",
+    "DNS_EXEC_COMMAND": "/bin/true",
+}
+
+
+def test_wildcard_with_a_dns_challenge_is_accepted():
+    s = load_settings({**BASE, **DNS01, "ACME_DOMAINS": "example.com,*.example.com"})
+    assert s.domains == ("example.com", "*.example.com")
+    assert s.challenge == "dns-01"
+    assert s.dns is not None and s.dns.provider is not None
+
+
+def test_wildcard_with_http01_names_the_challenge():
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, "ACME_DOMAINS": "*.example.com"})
+    assert error.value.variable == "ACME_DOMAINS" and "ACME_CHALLENGE" in str(error.value)
+
+
+def test_ip_addresses_with_http01_are_kept_in_canonical_form():
+    s = load_settings({**BASE, "ACME_DOMAINS": "127.0.0.1, [::1], 2001:DB8:0:0::7"})
+    assert s.domains == ("127.0.0.1", "::1", "2001:db8::7")
+    assert s.ip_addresses == s.domains
+    assert s.challenge == "http-01"
+
+
+def test_an_ip_address_with_a_dns_challenge_is_refused():
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, **DNS01, "ACME_DOMAINS": "example.com,192.0.2.7"})
+    assert error.value.variable == "ACME_DOMAINS" and "IP address" in str(error.value)
+
+
+def test_an_unknown_dns_variable_is_refused_with_a_hint():
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, **DNS01, "DNS_PROPAGATION_TIMOUT": "10"})
+    assert error.value.variable == "DNS_PROPAGATION_TIMOUT"
+    assert "did you mean DNS_PROPAGATION_TIMEOUT" in str(error.value)
+
+
+def test_acme_challenge_is_a_known_acme_variable():
+    s = load_settings({**BASE, "ACME_CHALLENGE": "dns-persist-01", "ACME_DOMAINS": "*.a.example"})
+    assert s.challenge == "dns-persist-01" and s.dns is not None and s.dns.provider is None
