@@ -23,11 +23,14 @@ from acme import client as acme_client
 from acme import errors, messages
 from cryptography import x509
 
-from . import __version__, issued, keys, schedule, statekeys
+from . import __version__, dnschallenge, dnspersist, issued, keys, schedule, statekeys
 from .account import ACCOUNT_ALG, Account
 from .certstore import CertificatePair, parse_pair
 from .challenges import PendingChallenges
-from .config import Settings
+from .config import ConfigError, Settings, is_ip
+from .dnsconfig import DNS_01, DNS_PERSIST_01
+from .dnspropagation import PropagationChecker
+from .dnsproviders import DnsError, DnsProvider, provider_for
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
 from .storage import FileStorage, Storage
 
@@ -83,11 +86,27 @@ class Network(acme_client.ClientNetwork):
         return response
 
 
-def choose_profile(offered: dict[str, str] | None, wanted: str | None) -> str | None:
+SHORTLIVED = "shortlived"
+
+
+def choose_profile(
+    offered: dict[str, str] | None, wanted: str | None, has_ip: bool = False
+) -> str | None:
     """The profile to send: the configured one, else the CA's standard one when it lists any.
 
-    A CA that lists profiles may pick one at random for an order that names none.
+    A CA that lists profiles may pick one at random for an order that names none. With an
+    IP address among the names and no ACME_PROFILE, ``shortlived``: Let's Encrypt issues
+    IP-address certificates only under it.
     """
+    if has_ip and not wanted:
+        if offered and SHORTLIVED in offered:
+            return SHORTLIVED
+        listed = ", ".join(sorted(offered)) if offered else "none"
+        raise IssuanceError(
+            f"ACME_PROFILE: an IP address certificate needs the {SHORTLIVED!r} profile, which "
+            f"the CA does not offer (it offers: {listed}); set ACME_PROFILE",
+            FailureReason.CA_ERROR,
+        )
     if not offered:
         if wanted:
             raise IssuanceError(
@@ -122,6 +141,7 @@ class Issuer:
         self.account = account
         self.challenges = challenges
         self.net: Network | None = None
+        self._dns_provider: DnsProvider | None = None
         # (step, seconds) of every request, for the agent's ACME latency metric.
         self.timings: list[tuple[str, float]] = []
 
@@ -133,11 +153,16 @@ class Issuer:
         deadline = time.monotonic() + ORDER_TIMEOUT
         client = self._client()
         self._ensure_account(client)
+        self._cleanup_left_dns01_records()
         resumed = self._resume_pending(client, deadline)
         if resumed is not None:
             return resumed
 
-        profile = choose_profile(client.directory.meta.profiles, self.settings.profile)
+        profile = choose_profile(
+            client.directory.meta.profiles,
+            self.settings.profile,
+            has_ip=bool(self.settings.ip_addresses),
+        )
         if not _offers_ari(client.directory):
             replaces = None  # RFC 9773 5: only to a CA that advertises ARI
         key = keys.generate_key(self.settings.key_type)
@@ -145,17 +170,25 @@ class Issuer:
         order = self._new_order(client, csr, profile, replaces)
         log.info("order placed for %s: %s", ", ".join(self.settings.domains), order.uri)
 
-        answered = []
+        answered: list[str] = []
+        records: list[dnschallenge.Dns01Record] = []
         try:
-            for authz in order.authorizations:
-                if authz.body.status == messages.STATUS_VALID:
-                    continue
-                answered.append(self._answer_http01(client, authz))
+            if self.settings.challenge == DNS_01:
+                records = self._answer_dns01(client, order.authorizations)
+            elif self.settings.challenge == DNS_PERSIST_01:
+                self._answer_dns_persist01(client, order.authorizations)
+            else:
+                for authz in order.authorizations:
+                    if authz.body.status == messages.STATUS_VALID:
+                        continue
+                    answered.append(self._answer_http01(client, authz))
             for authz in order.authorizations:
                 self._wait_authorization(client, authz, deadline)
         finally:
             for token in answered:
                 self.challenges.remove(token)
+            if records:
+                self._cleanup_dns01(records)
 
         # Recorded before finalizing: an agent killed after this point picks up the
         # issued certificate on its next start instead of placing another order.
@@ -170,7 +203,10 @@ class Issuer:
         replaces: str | None,
     ) -> messages.OrderResource:
         identifiers = [
-            messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name)
+            messages.Identifier(
+                typ=messages.IDENTIFIER_IP if is_ip(name) else messages.IDENTIFIER_FQDN,
+                value=name,
+            )
             for name in self.settings.domains
         ]
         request = NewOrder(identifiers=identifiers, profile=profile, replaces=replaces)
@@ -290,6 +326,119 @@ class Issuer:
         raise IssuanceError(
             f"the CA offers no HTTP-01 challenge for {name}", FailureReason.VALIDATION
         )
+
+    # -- DNS challenges ----------------------------------------------------------------
+
+    def _provider(self) -> DnsProvider:
+        if self._dns_provider is None:
+            dns = self.settings.dns
+            if dns is None or dns.provider is None:
+                raise IssuanceError("DNS_PROVIDER: not configured", FailureReason.DNS)
+            self._dns_provider = provider_for(dns.provider)
+        return self._dns_provider
+
+    def _answer_dns01(
+        self,
+        client: acme_client.ClientV2,
+        authorizations: list[messages.AuthorizationResource],
+    ) -> list[dnschallenge.Dns01Record]:
+        """Add every record, wait until it is visible, then answer the challenges.
+
+        The records are saved before they are added, so that a process killed between
+        here and the cleanup leaves nothing behind once the next one starts.
+        """
+        assert self.settings.dns is not None
+        account_key = client.net.key
+        assert account_key is not None
+        try:
+            records = dnschallenge.dns01_records(authorizations, account_key)
+            self.storage.store_json(
+                statekeys.DNS01_RECORDS, {"records": [r.to_state() for r in records]}
+            )
+            dnschallenge.present_all(self._provider(), records)
+        except DnsError as error:
+            self.storage.delete(statekeys.DNS01_RECORDS)
+            raise IssuanceError(str(error), FailureReason.DNS) from None
+        try:
+            PropagationChecker(self.settings.dns.propagation).wait_visible(
+                dnschallenge.wanted(records)
+            )
+        except DnsError as error:
+            self._cleanup_dns01(records)
+            raise IssuanceError(str(error), FailureReason.DNS) from None
+        log.info(
+            "TXT records in place (DNS_PROPAGATION_CHECK=%s): %s",
+            self.settings.dns.propagation.check,
+            ", ".join(sorted(dnschallenge.wanted(records))),
+        )
+        try:
+            for record in records:
+                response = dnschallenge.answer(record, account_key)
+                assert record.challenge is not None
+                self._call(
+                    "answer challenge",
+                    partial(client.answer_challenge, record.challenge, response),
+                    client,
+                )
+                log.info("answered the DNS-01 challenge for %s", record.identifier)
+        except BaseException:
+            self._cleanup_dns01(records)
+            raise
+        return records
+
+    def _cleanup_dns01(self, records: list[dnschallenge.Dns01Record]) -> None:
+        """Remove the records, best effort: a failure is logged, never hides the outcome."""
+        try:
+            provider = self._provider()
+        except IssuanceError as error:
+            log.warning("cannot remove the TXT records: %s", error)
+            return
+        for failure_ in dnschallenge.cleanup_all(provider, records):
+            log.warning("TXT record not removed: %s", failure_)
+        self.storage.delete(statekeys.DNS01_RECORDS)
+
+    def _cleanup_left_dns01_records(self) -> None:
+        """Remove the records an earlier process added and did not remove (it crashed)."""
+        saved = self.storage.load_json(statekeys.DNS01_RECORDS)
+        if not saved:
+            return
+        try:
+            records = [dnschallenge.record_from_state(r) for r in saved.get("records", [])]
+        except (KeyError, TypeError):
+            self.storage.delete(statekeys.DNS01_RECORDS)
+            return
+        if self.settings.challenge != DNS_01:
+            log.warning(
+                "TXT records left by an earlier dns-01 order cannot be removed without "
+                "DNS_PROVIDER: %s",
+                ", ".join(f"{r.fqdn} {r.value}" for r in records),
+            )
+            self.storage.delete(statekeys.DNS01_RECORDS)
+            return
+        log.info("removing %d TXT record(s) left by an earlier run", len(records))
+        self._cleanup_dns01(records)
+
+    def _answer_dns_persist01(
+        self,
+        client: acme_client.ClientV2,
+        authorizations: list[messages.AuthorizationResource],
+    ) -> None:
+        assert self.settings.dns is not None
+        meta = client.directory.meta.to_partial_json()
+        try:
+            issuer = dnspersist.choose_issuer(meta, self.settings.dns.persist_issuer)
+            found = dnschallenge.persist_challenges(authorizations, issuer)
+        except (DnsError, ConfigError) as error:
+            raise IssuanceError(str(error), FailureReason.DNS) from None
+        for persist in found:
+            self._call(
+                "answer challenge",
+                partial(
+                    client.answer_challenge, persist.challenge, dnspersist.DnsPersist01Response()
+                ),
+                client,
+            )
+            log.info("answered the DNS-PERSIST-01 challenge for %s", persist.identifier)
 
     def _wait_authorization(
         self,

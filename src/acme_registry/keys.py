@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -36,9 +38,16 @@ def load_key(pem: bytes) -> PrivateKey:
 
 
 def make_csr(key: PrivateKey, domains: tuple[str, ...]) -> bytes:
-    """A PEM CSR naming every domain as a SAN (the CN is left out, as CAs ignore it)."""
+    """A PEM CSR naming every domain (or IP address) as a SAN (no CN: CAs ignore it)."""
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     builder = builder.add_extension(
-        x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]), critical=False
+        x509.SubjectAlternativeName([_general_name(d) for d in domains]), critical=False
     )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)

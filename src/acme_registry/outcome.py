@@ -27,6 +27,8 @@ class FailureReason(StrEnum):
     NETWORK = "network"
     CA_ERROR = "ca_error"
     STORAGE = "storage"
+    # The DNS provider or the propagation check (dns-01, dns-persist-01), not the CA.
+    DNS = "dns"
     OTHER = "other"
 
 

@@ -14,6 +14,7 @@ USERS_LOCK = "users"  # the agent and a CLI may change users at once
 BACKOFF = "state/backoff.json"  # failed attempts in a row, the next attempt
 ARI = "state/ari.json"  # the CA's suggested window and the instant chosen in it
 PENDING_ORDER = "orders/pending.json"  # an order being finalized (holds its key)
+DNS01_RECORDS = "orders/dns01-records.json"  # TXT records added for an order, until removed
 HTTP_SECRET = "registry/http-secret"  # the registry's http.secret, shared by generations
 USERS = "auth/users.json"  # run-time users (name -> bcrypt hash)
 INITIAL_ADMIN_PASSWORD = "auth/initial-admin-password"

@@ -28,7 +28,7 @@ def problem(code: str, detail: str = "") -> messages.Error:
 
 
 def test_the_reasons_are_the_metric_labels():
-    expected = ("validation", "rate_limited", "network", "ca_error", "storage", "other")
+    expected = ("validation", "rate_limited", "network", "ca_error", "storage", "dns", "other")
     assert expected == FAILURE_REASONS
 
 
