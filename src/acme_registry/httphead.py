@@ -13,6 +13,7 @@ same rules hold whichever server drives it and can be tested without one.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 # Visible ASCII only: this excludes spaces, control characters (CR, LF, NUL, ...) and non-ASCII
 # bytes, which is what makes the target safe to copy into a Location header.
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+# One DNS label, as a redirect may name it under a configured wildcard.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ABSOLUTE_FORM = re.compile(r"https?://", re.IGNORECASE)
 # Field values may hold HTAB and obs-text but no other control characters (CR, LF, NUL, DEL).
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -221,15 +224,41 @@ def normalise_host(name: str) -> str:
 
 
 def redirect_host(requested: str | None, domains: Sequence[str]) -> str:
-    """The request's Host if it names one of ``domains`` (normalised), else the first domain.
+    """The authority of the https redirect: the request's Host if we serve it, else ours.
 
-    Never anything else: the redirect must not be aimable at a name we do not serve.
+    The Host counts when it is one of ``domains`` (normalised; an IP address in canonical
+    form) or one label under one of their wildcards. Otherwise the first configured name
+    that is not a wildcard (a lone wildcard: its base name). Never anything else: the
+    redirect must not be aimable at a name we do not serve. An IPv6 address comes back in
+    brackets, as a URL needs it.
     """
     if requested is not None:
-        name = normalise_host(strip_port(requested))
-        if name in domains:
-            return name
-    return domains[0]
+        name = canonical_host(strip_port(requested))
+        if name in domains or any(_under_wildcard(name, d) for d in domains):
+            return url_host(name)
+    concrete = [d for d in domains if not d.startswith("*.")]
+    return url_host(concrete[0] if concrete else domains[0].removeprefix("*."))
+
+
+def canonical_host(name: str) -> str:
+    """A host as configured names are kept: normalised, an IP address in canonical form."""
+    name = normalise_host(name)
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def url_host(name: str) -> str:
+    """``name`` as the host of a URL: an IPv6 address in brackets."""
+    return f"[{name}]" if ":" in name else name
+
+
+def _under_wildcard(name: str, domain: str) -> bool:
+    if not domain.startswith("*."):
+        return False
+    label, dot, rest = name.partition(".")
+    return bool(dot) and rest == domain[2:] and _LABEL.fullmatch(label) is not None
 
 
 def response(

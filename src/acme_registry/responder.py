@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -34,7 +35,7 @@ from .httphead import (
     HeadParser,
     Reject,
     Request,
-    normalise_host,
+    canonical_host,
     normalise_target,
     redirect_host,
     response,
@@ -73,6 +74,14 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _DOMAIN = re.compile(
     r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
 )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def default_max_connections(open_files: int) -> int:
@@ -115,12 +124,16 @@ class ChallengeResponder:
     ) -> None:
         if isinstance(domains, str):
             raise TypeError("domains must be a sequence of names, not one string")
-        names = [normalise_host(name) for name in domains]
+        names = [canonical_host(name) for name in domains]
         if not names:
             raise ValueError("at least one domain is required")
         for name in names:
-            # The names end up in Location headers, so only plain DNS names are acceptable.
-            if len(name) > 253 or not _DOMAIN.fullmatch(name):
+            # The names end up in Location headers, so only DNS names (a wildcard's base
+            # too) and IP addresses are acceptable.
+            if _is_ip(name):
+                continue
+            base = name.removeprefix("*.")
+            if len(base) > 253 or not _DOMAIN.fullmatch(base):
                 raise ValueError(f"{name!r} is not a valid DNS name")
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range")

@@ -684,7 +684,7 @@ def test_port_in_use_is_an_error(lookup):
 
 
 @pytest.mark.parametrize(
-    "domains", [(), ("bad domain",), ("evil.example\r\nX: y",), ("a..b",), ("*.example.com",)]
+    "domains", [(), ("bad domain",), ("evil.example\r\nX: y",), ("a..b",), ("*.*.example.com",)]
 )
 def test_invalid_domains_are_rejected(lookup, domains):
     with pytest.raises(ValueError):
@@ -697,5 +697,24 @@ def test_domains_are_normalised(lookup):
     try:
         response, _ = request(responder, "GET", "/", {"Host": "REGISTRY.example.com"})
         assert response.getheader("Location") == "https://registry.example.com/"
+    finally:
+        responder.stop()
+
+
+def test_ip_address_names_serve_challenges_and_redirect_in_brackets():
+    lookup = Lookup({"tok": "tok.thumb"})
+    responder = ChallengeResponder(("127.0.0.1", "::1", "*.example.net"), lookup, 0, "127.0.0.1")
+    responder.start()
+    try:
+        response, body = request(
+            responder, "GET", "/.well-known/acme-challenge/tok", {"Host": "127.0.0.1"}
+        )
+        assert (response.status, body) == (200, b"tok.thumb")
+        response, _ = request(responder, "GET", "/v2/", {"Host": "[::1]:80"})
+        assert response.getheader("Location") == "https://[::1]/v2/"
+        response, _ = request(responder, "GET", "/v2/", {"Host": "mirror.example.net"})
+        assert response.getheader("Location") == "https://mirror.example.net/v2/"
+        response, _ = request(responder, "GET", "/v2/", {"Host": "evil.example"})
+        assert response.getheader("Location") == "https://127.0.0.1/v2/"
     finally:
         responder.stop()

@@ -415,3 +415,29 @@ def test_a_head_response_has_the_length_but_no_body():
 @pytest.mark.parametrize("status", [200, 301, 400, 404, 405, 408, 414, 431])
 def test_every_status_has_its_reason(status):
     assert response(status, head_only=False).startswith(f"HTTP/1.1 {status} ".encode())
+
+
+IP_AND_WILDCARD = ("registry.example.com", "*.example.net", "192.0.2.7", "2001:db8::7")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("192.0.2.7:80", "192.0.2.7"),
+        ("[2001:DB8:0::7]:80", "[2001:db8::7]"),
+        ("[2001:db8::7]", "[2001:db8::7]"),
+        ("[::1]:80", "registry.example.com"),
+        ("Mirror.Example.NET", "mirror.example.net"),
+        ("a.b.example.net", "registry.example.com"),
+        ("example.net", "registry.example.com"),
+        ("-bad.example.net", "registry.example.com"),
+    ],
+)
+def test_redirect_host_with_ip_addresses_and_wildcards(host, expected):
+    assert redirect_host(host, IP_AND_WILDCARD) == expected
+
+
+def test_redirect_host_brackets_a_configured_ipv6_fallback():
+    assert redirect_host("evil.example", ("::1",)) == "[::1]"
+    assert redirect_host(None, ("*.example.net",)) == "example.net"
