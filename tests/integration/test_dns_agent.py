@@ -1,0 +1,138 @@
+"""DNS validation through the real agent (`acme-registry run`): Pebble 2.10 resolving through
+BIND, nothing answering HTTP-01, so only the records the agent wrote can prove the names."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.support.agent import CREDS, AgentProcess
+from tests.support.bind import BindServer, TestZone, free_dns_port, start_bind_servers
+from tests.support.clients import Skopeo, wait_for_tls
+from tests.support.pebble import PEBBLE_PROFILES
+from tests.support.pebble_dns import PebbleWithDns
+from tests.support.ports import free_port
+
+ZONE = "example.test"
+NAMES = f"{ZONE},*.{ZONE}"
+RECORD = f"_acme-challenge.{ZONE}"
+
+
+@pytest.fixture
+def bind(tmp_path: Path) -> Iterator[BindServer]:
+    zone = TestZone(ZONE, ("127.0.0.1",))
+    (server,) = start_bind_servers(tmp_path / "bind", zone, free_dns_port(["127.0.0.1"]))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pebble(tmp_path: Path, bind: BindServer) -> Iterator[PebbleWithDns]:
+    instance = PebbleWithDns(
+        tmp_path / "pebble",
+        bind.server,
+        config_overrides={"profiles": PEBBLE_PROFILES},
+        env={"PEBBLE_AUTHZREUSE": "0"},
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def dns_agent(
+    tmp_path: Path, pebble: PebbleWithDns, bind: BindServer, registry_binary: Path, **extra: str
+) -> AgentProcess:
+    env = AgentProcess.environment(
+        tmp_path / "agent",
+        domains=extra.pop("ACME_DOMAINS", NAMES),
+        directory=pebble.directory_url,
+        ca_bundle=pebble.ca_bundle,
+        # The agent's port 80 listener: Pebble has no way to it (its HTTP-01 goes to port 9).
+        http_port=free_port(),
+        registry_binary=registry_binary,
+        # The test zone is only on this BIND: ask it, not the authoritative servers on 53.
+        DNS_PROPAGATION_CHECK="resolvers",
+        DNS_RESOLVERS=bind.server,
+        **extra,
+    )
+    return AgentProcess(tmp_path / "agent", env).start()
+
+
+def rfc2136_settings(bind: BindServer) -> dict[str, str]:
+    key = bind.zone.key
+    return {
+        "ACME_CHALLENGE": "dns-01",
+        "DNS_PROVIDER": "rfc2136",
+        "DNS_RFC2136_SERVER": bind.server,
+        "DNS_RFC2136_TSIG_KEY_NAME": key.name,
+        "DNS_RFC2136_TSIG_SECRET": key.secret,
+    }
+
+
+def served_names(agent: AgentProcess, pebble: PebbleWithDns, name: str) -> set[str]:
+    leaf = wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), 90)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName))
+
+
+def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
+    tmp_path, pebble, bind, registry_binary, oci_image
+):
+    bind.add_txt(RECORD, "an unrelated value the operator keeps")
+    agent = dns_agent(tmp_path, pebble, bind, registry_binary, **rfc2136_settings(bind))
+    try:
+        assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
+        # The wildcard covers any one label below the zone, verified by name.
+        assert served_names(agent, pebble, f"registry.{ZONE}") == {ZONE, f"*.{ZONE}"}
+        agent.wait_ready(timeout=60)
+        # Only the operator's value is left: both of the agent's were removed, exactly.
+        assert bind.txt(RECORD) == {"an unrelated value the operator keeps"}
+        assert not (agent.data_dir / "orders" / "dns01-records.json").exists()
+        assert pebble.orders_created() == 1
+
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [f"registry.{ZONE}"], creds=CREDS)
+        ref = f"registry.{ZONE}:{agent.registry_port}/demo:v1"
+        skopeo.push(oci_image, "v1", ref)
+        skopeo.pull(ref, tmp_path / "pulled", "v1")
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+    assert bind.zone.key.secret not in agent.log()
+
+
+def wait_for_status(agent: AgentProcess, accept, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    answer: dict = {}
+    while time.monotonic() < deadline:
+        result = agent.cli("status", "--json")
+        if result.returncode == 0:
+            answer = json.loads(result.stdout)
+            if accept(answer):
+                return answer
+        time.sleep(0.2)
+    raise AssertionError(f"status never matched: {answer}\n{agent.log()}")
+
+
+def test_dns01_provider_failure_is_reason_dns_and_leaves_no_record(
+    tmp_path, pebble, bind, registry_binary
+):
+    settings = rfc2136_settings(bind)
+    # A key BIND does not know: the update is refused.
+    settings["DNS_RFC2136_TSIG_KEY_NAME"] = "not-the-zone-key"
+    agent = dns_agent(tmp_path, pebble, bind, registry_binary, **settings)
+    try:
+        answer = wait_for_status(agent, lambda a: a["backoff"]["failures"] >= 1)
+        assert "DNS_RFC2136" in answer["backoff"]["last_error"], answer
+        metrics = urllib.request.urlopen(f"{agent.admin_url}/metrics", timeout=10).read().decode()
+        assert 'acme_registry_renewal_failures_total{reason="dns"} 1' in metrics, metrics
+        assert bind.txt(RECORD) == set()
+        assert not (agent.data_dir / "orders" / "dns01-records.json").exists()
+    finally:
+        agent.stop()
+    assert bind.zone.key.secret not in agent.log()
