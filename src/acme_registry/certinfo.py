@@ -13,6 +13,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ _SET = 0x31
 _VERSION = 0xA0
 _EXTENSIONS = 0xA3
 _DNS_NAME = 0x82
+_IP_ADDRESS = 0x87  # [7] IMPLICIT OCTET STRING: 4 or 16 bytes
 _KEY_IDENTIFIER = 0x80
 
 _SUBJECT_ALT_NAME = "2.5.29.17"
@@ -295,6 +297,9 @@ def _dns_names(extension: bytes) -> frozenset[str]:
         tag, value = general_names.any("GeneralName")
         if tag == _DNS_NAME:
             names.add(value.decode("ascii").lower())
+        elif tag == _IP_ADDRESS and len(value) in (4, 16):
+            # As ACME_DOMAINS keeps an IP address: its canonical text form.
+            names.add(str(ipaddress.ip_address(value)))
     return frozenset(names)
 
 

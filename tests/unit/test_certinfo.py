@@ -47,10 +47,8 @@ def make_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
     )
     if names:
-        general = [x509.DNSName(n) for n in names] + [
-            x509.RFC822Name("admin@example.com"),
-            x509.IPAddress(ipaddress.ip_address("192.0.2.1")),
-        ]
+        # An email name is not a name the certificate serves: it must be skipped.
+        general = [x509.DNSName(n) for n in names] + [x509.RFC822Name("admin@example.com")]
         builder = builder.add_extension(x509.SubjectAlternativeName(general), critical=False)
     if aki:
         builder = builder.add_extension(
@@ -70,7 +68,9 @@ def assert_same(cert: x509.Certificate) -> certinfo.CertInfo:
     assert info.issuer == cert.issuer.rfc4514_string()
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = frozenset(n.lower() for n in san.get_values_for_type(x509.DNSName))
+        names = frozenset(n.lower() for n in san.get_values_for_type(x509.DNSName)) | {
+            str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+        }
     except x509.ExtensionNotFound:
         names = frozenset()
     assert info.names == names
@@ -249,3 +249,27 @@ def test_describe():
     assert info.describe() == (
         "serial abc for a.example, b.example, valid until 2026-02-03 04:05 UTC"
     )
+
+
+def test_ip_address_names_are_read_in_canonical_form():
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ISSUER)
+        .public_key(EC_KEY.public_key())
+        .serial_number(7)
+        .not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2026, 1, 8, tzinfo=dt.UTC))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("2001:db8:0:0::7")),
+                ]
+            ),
+            critical=False,
+        )
+    )
+    cert = builder.sign(EC_KEY, hashes.SHA256())
+    info = certinfo.parse_der(cert.public_bytes(serialization.Encoding.DER))
+    assert info.names == frozenset({"127.0.0.1", "2001:db8::7"})
