@@ -241,6 +241,8 @@ class Agent:
             "next_check": state["next_check"],
             "backoff": state["backoff"],
         }
+        if "dns_persist_problem" in state:
+            answer["dns_persist_problem"] = state["dns_persist_problem"]
         if pair is not None:
             answer["certificate"] = {
                 "names": sorted(pair.names),

@@ -23,7 +23,9 @@ EXIT_CONFIG = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{run,check,health,status,renew,user}"
+        dest="command",
+        required=True,
+        metavar="{run,check,health,status,renew,user,dns-persist-record}",
     )
     commands.add_parser("run", help="start supervisord, the agent and the registry")
     commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     remove = user_commands.add_parser("remove", help="remove a user added at run time")
     remove.add_argument("name")
     user_commands.add_parser("list", help="the users and where each comes from")
+    persist = commands.add_parser(
+        "dns-persist-record",
+        help="dns-persist-01: the TXT record(s) to create once (registers the account if needed)",
+    )
+    persist.add_argument("--json", action="store_true", help="machine-readable output")
     issue = commands.add_parser("issue", help=argparse.SUPPRESS)
     issue.add_argument("--replaces", default=None)
     issue.add_argument("--dry-run", action="store_true")
@@ -61,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(settings, int):
         return settings
     # The issuing child answers on stdout; its log lines go to stderr, which it shares
-    # with the agent.
+    # with the agent. dns-persist-record's stdout is the record(s) alone, for scripts.
     _setup_logging(
         settings.log_level,
         settings.log_format,
-        sys.stderr if args.command == "issue" else sys.stdout,
+        sys.stderr if args.command in ("issue", "dns-persist-record") else sys.stdout,
     )
     if args.command == "check":
         return _check_registry_binary(settings)
@@ -73,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from .launcher import launch
 
         return launch(settings)
+    if args.command == "dns-persist-record":
+        return _dns_persist_record(settings, as_json=args.json)
     from .issuer import run
 
     result = run(settings, replaces=args.replaces, dry_run=args.dry_run)
@@ -88,6 +97,31 @@ def _settings_or_exit() -> Settings | int:
     except ConfigError as error:
         print(f"acme-registry: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _dns_persist_record(settings: Settings, *, as_json: bool) -> int:
+    from . import dnspersist
+    from .config import ConfigError
+    from .issuer import IssuanceError, persist_records
+
+    if settings.challenge != "dns-persist-01":
+        print(
+            "acme-registry: configuration error: ACME_CHALLENGE: dns-persist-record needs "
+            "ACME_CHALLENGE=dns-persist-01",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        records = persist_records(settings)
+    except ConfigError as error:
+        print(f"acme-registry: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except IssuanceError as error:
+        print(f"acme-registry: {error}", file=sys.stderr)
+        return 1
+    rendered = dnspersist.render_json(records) + "\n" if as_json else None
+    print(rendered or dnspersist.render_zone_lines(records), end="")
+    return 0
 
 
 def _check_registry_binary(settings: Settings) -> int:
@@ -231,6 +265,8 @@ def _format_status(answer: dict[str, Any]) -> str:
         lines.append("certificate: none yet")
     if answer.get("problem"):
         lines.append(f"problem:     {answer['problem']}")
+    if answer.get("dns_persist_problem") and answer["dns_persist_problem"] != answer.get("problem"):
+        lines.append(f"dns-persist: {answer['dns_persist_problem']}")
     backoff = answer.get("backoff") or {}
     if backoff.get("failures"):
         lines += [

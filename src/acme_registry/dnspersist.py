@@ -277,7 +277,8 @@ def choose_issuer(directory_meta: Mapping[str, Any] | None, configured: str | No
     """
     identities = []
     raw = (directory_meta or {}).get("caaIdentities") or []
-    if isinstance(raw, list):
+    # A list from JSON; a tuple from acme's Directory.Meta (its to_partial_json()).
+    if isinstance(raw, list | tuple):
         identities = [str(x).lower().rstrip(".") for x in raw if isinstance(x, str) and x]
     if configured and configured in identities:
         return configured

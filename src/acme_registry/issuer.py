@@ -680,3 +680,21 @@ def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) 
         seconds=time.monotonic() - started,
         timings=tuple(issuer.timings),
     )
+
+
+def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:
+    """dns-persist-01: the records to create once, registering the account if needed.
+
+    The issuer domain name comes from the directory (or ACME_DNS_PERSIST_ISSUER): no order
+    is placed. Raises IssuanceError when the CA cannot be reached, ConfigError when no
+    issuer domain name can be known.
+    """
+    storage = FileStorage(settings.data_dir)
+    issuer = Issuer(settings, storage, Account(settings, storage), PendingChallenges(storage))
+    client = issuer._client()
+    issuer._ensure_account(client)
+    configured = settings.dns.persist_issuer if settings.dns else None
+    domain = dnspersist.choose_issuer(client.directory.meta.to_partial_json(), configured)
+    regr = client.net.account
+    assert regr is not None
+    return dnspersist.records_for(settings.domains, domain, regr.uri)

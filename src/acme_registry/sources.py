@@ -29,6 +29,7 @@ from .certstore import CertificatePair, CertStore, parse_pair, unusable_reason
 from .challenges import PendingChallenges
 from .config import Settings
 from .outcome import FailureReason, IssuanceResult
+from .persistcheck import PersistPrecondition
 from .renewalinfo import RenewalInfoTracker
 from .storage import Storage
 
@@ -115,6 +116,10 @@ class AcmeSource:
         self.config = config_id(settings)
         self._next_check: dt.datetime | None = None
         self._plan: schedule.RenewalPlan | None = None
+        # dns-persist-01: the record must authorize the account before any order.
+        self.precondition = (
+            PersistPrecondition(settings) if settings.challenge == "dns-persist-01" else None
+        )
 
     def current(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
         try:
@@ -122,7 +127,8 @@ class AcmeSource:
         except ValueError as error:
             return None, str(error)
         if pair is None:
-            return None, None
+            # With no certificate yet, what stops the first order is the problem to show.
+            return None, self.precondition.problem if self.precondition else None
         return pair, unusable_reason(
             pair,
             self.settings.domains,
@@ -172,6 +178,12 @@ class AcmeSource:
                 self._next_check = waiting
                 return None
 
+        if self.precondition is not None and self.precondition.check(now) is not None:
+            # No order and no backoff entry: the record is the operator's to create.
+            self._next_check = now + dt.timedelta(seconds=self.precondition.delay())
+            problem = self.precondition.problem or ""
+            return self.precondition.delay(), IssuanceResult.failure(problem, FailureReason.DNS)
+
         # "=" form: an ARI ID may start with "-", which argparse would take for an option.
         result = self._issue([f"--replaces={replaces}"] if replaces else [])
         self._record_attempt(backoff, result, now)
@@ -197,6 +209,8 @@ class AcmeSource:
             "next_check": self._next_check.isoformat() if self._next_check else None,
             "backoff": self._load_backoff().to_dict(),
         }
+        if self.precondition is not None:
+            answer["dns_persist_problem"] = self.precondition.problem
         if pair is not None:
             plan = self._plan or schedule.lifetime_renewal(pair.not_before, pair.not_after)
             answer["renewal"] = {"at": plan.at.isoformat(), "reason": plan.reason}

@@ -136,3 +136,53 @@ def test_dns01_provider_failure_is_reason_dns_and_leaves_no_record(
     finally:
         agent.stop()
     assert bind.zone.key.secret not in agent.log()
+
+
+PERSIST_RECORD = f"_validation-persist.{ZONE}."
+
+
+def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
+    tmp_path, pebble, bind, registry_binary
+):
+    agent = dns_agent(tmp_path, pebble, bind, registry_binary, ACME_CHALLENGE="dns-persist-01")
+    try:
+        # Missing: the agent says which record to create, and places no order.
+        answer = wait_for_status(agent, lambda a: a.get("dns_persist_problem"))
+        problem = answer["dns_persist_problem"]
+        assert f"no dns-persist-01 record at {PERSIST_RECORD}" in problem, problem
+        result = agent.cli("dns-persist-record", "--json", timeout=60)
+        assert result.returncode == 0, result.stderr
+        account = json.loads(
+            (agent.data_dir / "accounts").glob("*/account.json").__next__().read_text()
+        )
+        value = f"pebble.letsencrypt.org; accounturi={account['uri']}; policy=wildcard"
+        assert json.loads(result.stdout) == {
+            "records": [{"name": PERSIST_RECORD, "type": "TXT", "value": value}]
+        }
+        assert result.stdout.endswith("}\n") and result.stdout.count("\n") == 1
+        assert f'create TXT {PERSIST_RECORD} "{value}"' in problem
+        assert answer["backoff"]["failures"] == 0 and answer["certificate"] is None
+        ready = agent.cli("health", "--ready")
+        assert ready.returncode == 1 and PERSIST_RECORD in ready.stdout, ready.stdout
+        plain = agent.cli("dns-persist-record")
+        assert plain.stdout == f'{PERSIST_RECORD} IN TXT "{value}"\n'
+
+        # A record for another account: refused the same way, still no order.
+        other = "pebble.letsencrypt.org; accounturi=https://127.0.0.1/my-account/1; policy=wildcard"
+        bind.add_txt(PERSIST_RECORD, other)
+        renew = agent.cli("renew", timeout=120)
+        assert renew.returncode == 1 and "names another ACME account" in renew.stderr, renew
+        assert pebble.orders_created() == 0
+        assert json.loads(agent.cli("status", "--json").stdout)["backoff"]["failures"] == 0
+
+        # The record, created once: the certificate follows.
+        bind.delete_txt(PERSIST_RECORD, other)
+        bind.add_txt(PERSIST_RECORD, value)
+        renew = agent.cli("renew", timeout=120)
+        assert renew.returncode == 0, renew.stderr + agent.log()
+        assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
+        assert pebble.orders_created() == 1
+        assert wait_for_status(agent, lambda a: a["dns_persist_problem"] is None)
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()

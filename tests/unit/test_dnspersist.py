@@ -2,6 +2,7 @@ import datetime as dt
 import json
 
 import pytest
+from acme import messages
 
 from acme_registry.config import ConfigError
 from acme_registry.dnspersist import (
@@ -205,3 +206,11 @@ def test_persist_response_is_an_empty_object_not_a_post_as_get():
     # acme sends b"" (POST-as-GET) for a falsy body; "{}" is what starts validation.
     assert bool(response)
     assert response.json_dumps() == "{}"
+
+
+def test_choose_issuer_reads_acme_directory_meta():
+    directory = messages.Directory.from_json(
+        {"newOrder": "https://ca.test/order", "meta": {"caaIdentities": ["Pebble.LetsEncrypt.org"]}}
+    )
+    meta = directory.meta.to_partial_json()
+    assert choose_issuer(meta, None) == "pebble.letsencrypt.org"
