@@ -166,7 +166,7 @@ class AcmeSource:
                 return None
             log.info("renewing: %s", "requested" if renewals else f"due ({plan.reason})")
             replaces = self.renewal_info.replaces(pair, self.settings.domains)
-        elif problem:
+        elif problem and pair is not None:
             log.info("the stored certificate cannot be served: %s", problem)
 
         backoff = self._load_backoff()
