@@ -122,13 +122,19 @@ class AcmeSource:
         )
 
     def current(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
+        pair, problem = self._stored(now)
+        if pair is None and problem is None and self.precondition is not None:
+            # With no certificate yet, what stops the first order is the problem to show.
+            return None, self.precondition.problem
+        return pair, problem
+
+    def _stored(self, now: dt.datetime) -> tuple[CertificatePair | None, str | None]:
         try:
             pair = self.store.load()
         except ValueError as error:
             return None, str(error)
         if pair is None:
-            # With no certificate yet, what stops the first order is the problem to show.
-            return None, self.precondition.problem if self.precondition else None
+            return None, None
         return pair, unusable_reason(
             pair,
             self.settings.domains,
@@ -154,7 +160,7 @@ class AcmeSource:
         self, now: dt.datetime, renewals: Sequence[Renewal]
     ) -> tuple[float, IssuanceResult] | None:
         """None when nothing is due (and no renewal was asked for)."""
-        pair, problem = self.current(now)
+        pair, problem = self._stored(now)
         replaces = None
         if pair is not None and problem is None:
             self.serve(pair)
@@ -166,7 +172,7 @@ class AcmeSource:
                 return None
             log.info("renewing: %s", "requested" if renewals else f"due ({plan.reason})")
             replaces = self.renewal_info.replaces(pair, self.settings.domains)
-        elif problem and pair is not None:
+        elif problem:
             log.info("the stored certificate cannot be served: %s", problem)
 
         backoff = self._load_backoff()
