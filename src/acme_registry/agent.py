@@ -115,7 +115,8 @@ class Agent:
                 auth,
             )
         )
-        self.responder.start()
+        if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
+            self.responder.start()
         self.control.start()
         try:
             self.admin.start()
@@ -123,9 +124,11 @@ class Agent:
             # A monitoring port must not take the registry down.
             log.error("admin endpoint on %s unavailable: %s", self.settings.admin_addr, error)
         log.info(
-            "agent started for %s; challenges on port %d",
+            "agent started for %s; %s",
             ", ".join(self.settings.domains),
-            self.responder.port,
+            f"port {self.responder.port} answers HTTP-01 and redirects to https"
+            if self.settings.http_port
+            else "no port-80 listener (ACME_HTTP_PORT=off)",
         )
 
     def maintain_forever(self) -> None:

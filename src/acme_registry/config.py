@@ -113,6 +113,7 @@ class Settings:
     directory: str
     cert_dir: Path
     data_dir: Path
+    # 0: no port-80 listener (ACME_HTTP_PORT=off, only with a DNS challenge).
     http_port: int
     registry_addr: ListenAddress
     registry_binary: Path
@@ -196,7 +197,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     auth_users = _auth_users(env, auth_mode)
     registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
     registry_addr = _listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443"))
-    http_port = _port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80"))
+    http_port = _http_port(env.get("ACME_HTTP_PORT", "80"), dns.challenge)
     admin_addr = _listen_address("ADMIN_ADDR", env.get("ADMIN_ADDR", "127.0.0.1:9180"))
     if admin_addr.port in (registry_addr.port, http_port):
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
@@ -460,6 +461,15 @@ def _port(variable: str, raw: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ConfigError(variable, f"{raw!r} is not a port number (1-65535)")
     return int(text)
+
+
+def _http_port(raw: str, challenge: str) -> int:
+    """ACME_HTTP_PORT; ``off`` (0) only where no HTTP-01 challenge needs it."""
+    if raw.strip().lower() == "off":
+        if challenge == "http-01":
+            raise ConfigError("ACME_HTTP_PORT", "off needs a DNS challenge (ACME_CHALLENGE)")
+        return 0
+    return _port("ACME_HTTP_PORT", raw)
 
 
 def _listen_address(variable: str, raw: str) -> ListenAddress:

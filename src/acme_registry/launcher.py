@@ -140,7 +140,8 @@ def launch(settings: Settings) -> int:
         storage = "/var/lib/registry"
     if storage:
         checks.append(check_writable("the registry's storage", Path(storage)))
-    checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
+    if settings.http_port:  # 0: ACME_HTTP_PORT=off
+        checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
     for problem in checks:
         if problem:
             print(f"acme-registry: {problem}", file=sys.stderr)

@@ -172,6 +172,7 @@ INVALID = [
         "DNS_EXEC_COMMAND",
         "executable",
     ),
+    ("http port off with http-01", {"ACME_HTTP_PORT": "off"}, "ACME_HTTP_PORT", "DNS challenge"),
     ("rfc2136 server missing", {**RFC2136, "DNS_RFC2136_SERVER": None}, "DNS_RFC2136_SERVER", ""),
 ]
 

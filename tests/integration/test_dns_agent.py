@@ -85,13 +85,21 @@ def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
     tmp_path, pebble, bind, registry_binary, oci_image
 ):
     bind.add_txt(RECORD, "an unrelated value the operator keeps")
+    # What an order killed between adding its records and removing them leaves behind.
+    bind.add_txt(RECORD, "left-by-a-killed-order")
+    orders = tmp_path / "agent" / "data" / "orders"
+    orders.mkdir(parents=True, mode=0o700)
+    (tmp_path / "agent" / "data").chmod(0o700)
+    state = {"identifier": ZONE, "fqdn": RECORD, "value": "left-by-a-killed-order"}
+    (orders / "dns01-records.json").write_text(json.dumps({"records": [state]}))
     agent = dns_agent(tmp_path, pebble, bind, registry_binary, **rfc2136_settings(bind))
     try:
         assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
         # The wildcard covers any one label below the zone, verified by name.
         assert served_names(agent, pebble, f"registry.{ZONE}") == {ZONE, f"*.{ZONE}"}
         agent.wait_ready(timeout=60)
-        # Only the operator's value is left: both of the agent's were removed, exactly.
+        # Only the operator's value is left: both of the agent's were removed, exactly, and
+        # the one the killed order left too.
         assert bind.txt(RECORD) == {"an unrelated value the operator keeps"}
         assert not (agent.data_dir / "orders" / "dns01-records.json").exists()
         assert pebble.orders_created() == 1
@@ -144,7 +152,14 @@ PERSIST_RECORD = f"_validation-persist.{ZONE}."
 def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
     tmp_path, pebble, bind, registry_binary
 ):
-    agent = dns_agent(tmp_path, pebble, bind, registry_binary, ACME_CHALLENGE="dns-persist-01")
+    agent = dns_agent(
+        tmp_path,
+        pebble,
+        bind,
+        registry_binary,
+        ACME_CHALLENGE="dns-persist-01",
+        ACME_HTTP_PORT="off",
+    )
     try:
         # Missing: the agent says which record to create, and places no order.
         answer = wait_for_status(agent, lambda a: a.get("dns_persist_problem"))
@@ -186,3 +201,4 @@ def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
     finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
+    assert "no port-80 listener (ACME_HTTP_PORT=off)" in agent.log()

@@ -142,3 +142,10 @@ def test_an_unknown_dns_variable_is_refused_with_a_hint():
 def test_acme_challenge_is_a_known_acme_variable():
     s = load_settings({**BASE, "ACME_CHALLENGE": "dns-persist-01", "ACME_DOMAINS": "*.a.example"})
     assert s.challenge == "dns-persist-01" and s.dns is not None and s.dns.provider is None
+
+
+def test_http_port_off_only_with_a_dns_challenge():
+    assert load_settings({**BASE, **DNS01, "ACME_HTTP_PORT": "off"}).http_port == 0
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, "ACME_HTTP_PORT": "off"})
+    assert error.value.variable == "ACME_HTTP_PORT"
