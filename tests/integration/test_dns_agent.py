@@ -13,7 +13,13 @@ import pytest
 from cryptography import x509
 
 from tests.support.agent import CREDS, AgentProcess
-from tests.support.bind import BindServer, TestZone, free_dns_port, start_bind_servers
+from tests.support.bind import (
+    BindServer,
+    TestZone,
+    free_dns_port,
+    start_bind_servers,
+    write_nsupdate_hook,
+)
 from tests.support.clients import Skopeo, wait_for_tls
 from tests.support.pebble import PEBBLE_PROFILES
 from tests.support.pebble_dns import PebbleWithDns
@@ -202,3 +208,27 @@ def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
     assert "no port-80 listener (ACME_HTTP_PORT=off)" in agent.log()
+
+
+def test_dns01_through_an_exec_hook_calling_nsupdate(tmp_path, pebble, bind, registry_binary):
+    script, hook_env = write_nsupdate_hook(tmp_path / "hook", bind)
+    hook_env.pop("PATH")  # the agent's own PATH has nsupdate too
+    agent = dns_agent(
+        tmp_path,
+        pebble,
+        bind,
+        registry_binary,
+        ACME_CHALLENGE="dns-01",
+        DNS_PROVIDER="exec",
+        DNS_EXEC_COMMAND=str(script),
+        **hook_env,
+    )
+    try:
+        assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
+        hook_log = Path(hook_env["HOOK_LOG"]).read_text().splitlines()
+        assert sorted(hook_log) == sorted(
+            [f"present {RECORD}."] * 2 + [f"cleanup {RECORD}."] * 2
+        ), hook_log
+        assert bind.txt(RECORD) == set()
+    finally:
+        assert agent.stop() == 0
