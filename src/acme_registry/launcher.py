@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import activation
 from .config import ConfigError, Settings
+from .ipprofile import check_ip_profile
 from .listen import bind_address, raise_open_file_limit
 from .registry import supervisord_conf
 from .registry_socket import Handoff, RegistrySocket
@@ -129,6 +130,7 @@ def launch(settings: Settings) -> int:
     # First, because it is a configuration error (exit 2, nothing written yet).
     try:
         socket_activation = uses_socket_activation(settings)
+        check_ip_profile(settings)
     except ConfigError as error:
         print(f"acme-registry: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG

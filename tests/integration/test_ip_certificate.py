@@ -37,3 +37,24 @@ def test_ip_address_certificate_served_and_verified_by_connecting_to_the_ip(
     finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
+
+
+def test_ip_address_without_a_shortlived_profile_exits_2_before_any_order(
+    tmp_path, pebble_factory, registry_binary
+):
+    # Pebble 2.10 configured with a "default" profile only.
+    pebble = pebble_factory(
+        free_port(),
+        binary=pebble_sid_binary(install=True),
+        config_overrides={"profiles": {"default": PEBBLE_PROFILES["default"]}},
+    )
+    agent = start_agent(tmp_path, pebble, registry_binary, ACME_DOMAINS="127.0.0.1")
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=30) == 2
+    lines = agent.log().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "acme-registry: configuration error: ACME_PROFILE: "
+    ), lines
+    assert "'shortlived'" in lines[0] and "offers: default" in lines[0]
+    assert pebble.orders_created() == 0
+    assert not agent.data_dir.exists()
