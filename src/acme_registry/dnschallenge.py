@@ -13,7 +13,8 @@ between the ``acme`` library's objects and the DNS modules:
   :meth:`Dns01Record.to_state` / :func:`record_from_state`);
 - :func:`persist_challenges` finds the dns-persist-01 challenge of each pending
   authorization, which ``acme`` parses as an ``UnrecognizedChallenge``; it is answered with
-  :class:`~acme_registry.dnspersist.DnsPersist01Response`.
+  :class:`DnsPersist01Response` (here, not in the pure :mod:`dnspersist`, which the
+  long-running agent imports without the ACME stack).
 """
 
 from __future__ import annotations
@@ -165,3 +166,19 @@ def _challenge_type(challb: messages.ChallengeBody) -> str:
     if isinstance(chall, challenges.UnrecognizedChallenge):
         return str(chall.jobj.get("type", "?"))
     return str(getattr(chall, "typ", "?"))
+
+
+@challenges.ChallengeResponse.register
+class DnsPersist01Response(challenges.ChallengeResponse):
+    """The answer to a dns-persist-01 challenge: ``{}``, as for every RFC 8555 challenge.
+
+    ``acme`` has no such type; with this, ``ClientV2.answer_challenge(challb,
+    DnsPersist01Response())`` works on the ``UnrecognizedChallenge`` body it parsed.
+    """
+
+    typ = dnspersist.CHALLENGE_TYPE
+
+    def __bool__(self) -> bool:
+        # acme sends ``b""`` (a POST-as-GET, which the CA answers without validating) for a
+        # falsy body, and a josepy object with no fields has length 0: it must stay "{}".
+        return True

@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from acme import challenges
-
 from .config import ConfigError
 
 CHALLENGE_TYPE = "dns-persist-01"
@@ -321,19 +319,3 @@ def parse_challenge(raw: Mapping[str, Any]) -> PersistChallenge:
         token=token if isinstance(token, str) and token else None,
         account_uri=account if isinstance(account, str) and account else None,
     )
-
-
-@challenges.ChallengeResponse.register
-class DnsPersist01Response(challenges.ChallengeResponse):
-    """The answer to a dns-persist-01 challenge: ``{}``, as for every RFC 8555 challenge.
-
-    ``acme`` has no such type; with this, ``ClientV2.answer_challenge(challb,
-    DnsPersist01Response())`` works on the ``UnrecognizedChallenge`` body it parsed.
-    """
-
-    typ = CHALLENGE_TYPE
-
-    def __bool__(self) -> bool:
-        # acme sends ``b""`` (a POST-as-GET, which the CA answers without validating) for a
-        # falsy body, and a josepy object with no fields has length 0: it must stay "{}".
-        return True

@@ -434,7 +434,7 @@ class Issuer:
             self._call(
                 "answer challenge",
                 partial(
-                    client.answer_challenge, persist.challenge, dnspersist.DnsPersist01Response()
+                    client.answer_challenge, persist.challenge, dnschallenge.DnsPersist01Response()
                 ),
                 client,
             )

@@ -170,7 +170,7 @@ def persist_order(acme: client.ClientV2, names: list[str], issuer: str) -> messa
     for found in dnschallenge.persist_challenges(order.authorizations, issuer):
         assert found.parsed.token is None and found.parsed.account_uri is None  # Pebble 2.10
         retry_bad_nonce(
-            lambda c=found.challenge: acme.answer_challenge(c, dnspersist.DnsPersist01Response())
+            lambda c=found.challenge: acme.answer_challenge(c, dnschallenge.DnsPersist01Response())
         )
     deadline = dt.datetime.now() + dt.timedelta(seconds=90)
     return retry_bad_nonce(lambda: acme.poll_and_finalize(order, deadline=deadline))

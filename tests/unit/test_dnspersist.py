@@ -5,8 +5,8 @@ import pytest
 from acme import messages
 
 from acme_registry.config import ConfigError
+from acme_registry.dnschallenge import DnsPersist01Response
 from acme_registry.dnspersist import (
-    DnsPersist01Response,
     PersistRecord,
     PersistStatus,
     check_record,
