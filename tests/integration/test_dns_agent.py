@@ -98,9 +98,12 @@ def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
     (tmp_path / "agent" / "data").chmod(0o700)
     state = {"identifier": ZONE, "fqdn": RECORD, "value": "left-by-a-killed-order"}
     (orders / "dns01-records.json").write_text(json.dumps({"records": [state]}))
+    started = time.monotonic()
     agent = dns_agent(tmp_path, pebble, bind, registry_binary, **rfc2136_settings(bind))
     try:
         assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
+        elapsed = time.monotonic() - started
+        print(f"dns-01: first verified TLS handshake {elapsed:.3f} s after `acme-registry run`")
         # The wildcard covers any one label below the zone, verified by name.
         assert served_names(agent, pebble, f"registry.{ZONE}") == {ZONE, f"*.{ZONE}"}
         agent.wait_ready(timeout=60)
@@ -114,6 +117,22 @@ def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
         ref = f"registry.{ZONE}:{agent.registry_port}/demo:v1"
         skopeo.push(oci_image, "v1", ref)
         skopeo.pull(ref, tmp_path / "pulled", "v1")
+
+        # A renewal: a new order, proven through DNS again (Pebble reuses no authorization).
+        first = wait_for_tls("127.0.0.1", agent.registry_port, ZONE, pebble.root_pem(), 10)
+        renew = agent.cli("renew", timeout=120)
+        assert renew.returncode == 0, renew.stderr + agent.log()
+        second = wait_for_tls(
+            "127.0.0.1",
+            agent.registry_port,
+            ZONE,
+            pebble.root_pem(),
+            30,
+            accept=lambda cert: cert.serial_number != first.serial_number,
+        )
+        assert second.serial_number != first.serial_number
+        assert pebble.orders_created() == 2
+        assert bind.txt(RECORD) == {"an unrelated value the operator keeps"}
     finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
