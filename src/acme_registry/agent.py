@@ -22,7 +22,7 @@ from . import statekeys
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
-from .certstore import CertificatePair
+from .certstore import CertificatePair, client_hostname
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer, Handler
@@ -187,7 +187,7 @@ class Agent:
 
     def _probe(self, request: bool = True) -> RegistryProbe:
         return probe_registry(
-            self.settings.registry_addr, self.settings.domains[0], request=request
+            self.settings.registry_addr, client_hostname(self.settings.domains), request=request
         )
 
     # -- answers on the control socket -------------------------------------------

@@ -21,7 +21,7 @@ import re
 import shutil
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +179,17 @@ def unusable_reason(
         if issued_by != directory:
             return f"it was issued through {issued_by}, not the configured {directory}"
         return None
-    error = verify_as_client(pair, domains[0], trust or ssl.create_default_context())
+    error = verify_as_client(pair, client_hostname(domains), trust or ssl.create_default_context())
     return f"it does not chain to a trusted root ({error})" if error else None
+
+
+def client_hostname(domains: Sequence[str]) -> str:
+    """A name a client could connect with: the first that is not a wildcard, else one
+    label under the wildcard (a client never asks for ``*.example.com`` itself)."""
+    for name in domains:
+        if not name.startswith("*."):
+            return name
+    return "registry" + domains[0][1:]
 
 
 def verify_as_client(pair: CertificatePair, hostname: str, trust: ssl.SSLContext) -> str | None:

@@ -240,10 +240,13 @@ def test_dns01_through_an_exec_hook_calling_nsupdate(tmp_path, pebble, bind, reg
         ACME_CHALLENGE="dns-01",
         DNS_PROVIDER="exec",
         DNS_EXEC_COMMAND=str(script),
+        # The wildcard first: the agent's own probe must not connect as "*.example.test".
+        ACME_DOMAINS=f"*.{ZONE},{ZONE}",
         **hook_env,
     )
     try:
         assert served_names(agent, pebble, ZONE) == {ZONE, f"*.{ZONE}"}
+        agent.wait_ready(timeout=60)
         hook_log = Path(hook_env["HOOK_LOG"]).read_text().splitlines()
         assert sorted(hook_log) == sorted(
             [f"present {RECORD}."] * 2 + [f"cleanup {RECORD}."] * 2

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from acme_registry import certstore
-from acme_registry.certstore import CertStore, parse_pair, unusable_reason
+from acme_registry.certstore import CertStore, client_hostname, parse_pair, unusable_reason
 
 NAMES = ("registry.test", "other.test")
 NOW = dt.datetime.now(dt.UTC)
@@ -287,3 +287,9 @@ def test_pem_files_read_back_and_leave_nothing_open(memfd, monkeypatch):
         assert [Path(p).read_bytes() for p in paths] == [b"a", b"b"]
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert memfd or not any(os.path.exists(p) for p in paths)
+
+
+def test_client_hostname_is_never_a_wildcard():
+    assert client_hostname(["*.example.com", "example.com"]) == "example.com"
+    assert client_hostname(["*.example.com"]) == "registry.example.com"
+    assert client_hostname(["127.0.0.1"]) == "127.0.0.1"
