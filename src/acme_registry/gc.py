@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class GcReport:
     collect: CollectResult | None = None
     finished: dt.datetime | None = None
     errors: list[str] = field(default_factory=list)
+    # For acme_registry_gc_runs_total{result}: success, error, timeout, refused, dry_run.
+    result: str = "success"
 
     @property
     def ok(self) -> bool:
@@ -223,7 +226,9 @@ def apply_plan(plan: Plan, api: RegistryApi, tree: TreeStore, *, tag_delete: boo
         key = (delete.repository, delete.digest)
         why = _blocked(delete, parents.get(key, set()), done, planned, api, tree)
         if why is not None:
-            result.kept.extend((f"{delete.repository}:{t}", why) for t in delete.tags)
+            result.kept.extend(
+                (f"{delete.repository}:{t}", why.get(t, why[""])) for t in delete.tags
+            )
             continue
         try:
             status = api.delete_manifest(delete.repository, delete.digest)
@@ -265,21 +270,26 @@ def garbage_collect(
     """``registry garbage-collect CONFIG``; (seconds, output tail). GcTimeout past ``timeout``
     (the process group is killed: a sweep stopped half-way leaves the rest for next time)."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [str(binary), "garbage-collect", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=dict(env),
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=max(timeout, 0.001))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise GcTimeout(f"garbage-collect stopped after the {timeout:.0f} s GC_TIMEOUT") from None
-    tail = output.decode(errors="replace")[-_OUTPUT_TAIL:]
+    # A file, not a pipe: garbage-collect prints a line per blob, megabytes on a big registry.
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(
+            [str(binary), "garbage-collect", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=max(timeout, 0.001))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise GcTimeout(
+                f"garbage-collect stopped after the {timeout:.0f} s GC_TIMEOUT"
+            ) from None
+        output.seek(max(0, output.seek(0, os.SEEK_END) - _OUTPUT_TAIL))
+        tail = output.read().decode(errors="replace")
     if proc.returncode != 0:
         last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
         raise GcError(f"garbage-collect exited with {proc.returncode}: {last}")
@@ -336,10 +346,12 @@ def run_gc(
     try:
         _, report.plan = plan_run(tree, rules, started)
         if dry_run:
+            report.result = "dry_run"
             return report
         report.apply = apply_plan(report.plan, api, tree, tag_delete=tag_delete)
         if refusal is not None:
             report.errors.append(refusal)
+            report.result = "refused"
             return report
         report.collect = collect(
             tree,
@@ -350,10 +362,16 @@ def run_gc(
             enter_readonly=enter_readonly,
             leave_readonly=leave_readonly,
         )
+    except GcTimeout as exc:
+        report.errors.append(str(exc))
+        report.result = "timeout"
     except Exception as exc:  # the report is the error channel: status, metrics, exit code
         report.errors.append(str(exc) or type(exc).__name__)
+        report.result = "error"
     finally:
         report.finished = dt.datetime.now(dt.UTC)
+    if report.result == "success" and not report.ok:
+        report.result = "error"  # some deletes failed; the collection itself ran
     return report
 
 
@@ -386,23 +404,28 @@ def _blocked(
     planned: set[tuple[str, str]],
     api: RegistryApi,
     tree: TreeStore,
-) -> str | None:
-    """Why ``delete`` must not happen now, or None when everything is as selected."""
+) -> dict[str, str] | None:
+    """Why ``delete`` must not happen now (by tag, ``""`` for the rest), or None when
+    everything is as it was selected."""
     repo = delete.repository
     if any((repo, parent) not in done for parent in parents):
-        return "the index listing it was kept"
+        return {"": "the index listing it was kept"}
     for tag in delete.tags:
         subject = cosign_subject(tag)
         if subject and (repo, subject) in planned and (repo, subject) not in done:
-            return "the image it signs was kept"
+            return {"": "the image it signs was kept"}
     try:
-        for tag in delete.tags:
-            if api.manifest_digest(repo, tag) != delete.digest:
-                return "moved since it was selected"
+        moved = [t for t in delete.tags if api.manifest_digest(repo, t) != delete.digest]
     except (requests.RequestException, GcError) as exc:
-        return f"could not re-check: {exc}"
+        return {"": f"could not re-check: {exc}"}
+    if moved:
+        # The manifest is no longer only what was selected: it stays whole, untagged or not,
+        # like any manifest retention did not select.
+        reasons = {t: "moved since it was selected" for t in moved}
+        reasons[""] = f"shares its manifest with {', '.join(moved)}, which moved"
+        return reasons
     now_on_it = tags_pointing_at(tree, repo, delete.digest)
     if not now_on_it <= set(delete.tags):
         others = ", ".join(sorted(now_on_it - set(delete.tags)))
-        return f"tag {others} now points at the same manifest"
+        return {"": f"tag {others} now points at the same manifest"}
     return None

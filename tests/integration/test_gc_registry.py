@@ -70,7 +70,7 @@ class Env:
             binary=Path(self.registry.binary),
             config=self.registry.config_path(readonly=True),
             env=self.registry.env(),
-            timeout=dt.timedelta(minutes=5),
+            timeout=kwargs.pop("timeout", dt.timedelta(minutes=5)),
             enter_readonly=kwargs.pop("enter", lambda: self.registry.restart(readonly=True)),
             leave_readonly=kwargs.pop("leave", lambda: self.registry.restart(readonly=False)),
             tag_delete=self.tag_delete,
@@ -164,6 +164,7 @@ def test_ci_history_keep_last_five_protect_latest(env: Env):
 
     report = env.run(policy)
     assert report.ok, report.error_line()
+    assert report.result == "success"
     assert report.collect is not None
     assert report.freed_bytes == announced
     print(
@@ -287,6 +288,20 @@ def test_push_during_readonly_gets_405_and_a_timeout_ends_read_write(env: Env):
     assert sorted(env.skopeo.list_tags(f"{env.registry.host}/ro")) == ["v1", "v2"]
 
 
+def test_a_run_past_gc_timeout_reports_timeout_and_serves_read_write(env: Env):
+    layout = env.workdir / "layout"
+    for n in range(1, 3):
+        add_image(layout, f"b{n}", [("app", os.urandom(4 * KiB))])
+        env.push(layout, "slow", f"b{n}", T0 + n * STEP)
+    report = env.run(rules(keep_last=1), timeout=dt.timedelta(milliseconds=1))
+    assert report.result == "timeout"
+    assert "GC_TIMEOUT" in (report.error_line() or "")
+    assert report.apply.removed_tags == ["slow:b1"]  # retention ran before the window
+    assert not env.registry.readonly
+    env.push(layout, "slow", "b1", T0 + 5 * STEP)  # read-write again
+    assert sorted(env.skopeo.list_tags(f"{env.registry.host}/slow")) == ["b1", "b2"]
+
+
 def test_leave_readonly_runs_when_entering_fails(env: Env):
     calls: list[str] = []
 
@@ -297,6 +312,7 @@ def test_leave_readonly_runs_when_entering_fails(env: Env):
     report = env.run(rules(keep_last=1), enter=enter, leave=lambda: calls.append("leave"))
     assert calls == ["enter", "leave"]
     assert not report.ok and report.error_line() == "supervisord said no"
+    assert report.result == "error"
 
 
 def test_refusal_skips_collection_but_not_retention(env: Env):
@@ -309,3 +325,4 @@ def test_refusal_skips_collection_but_not_retention(env: Env):
     report = env.run(rules(keep_last=1), refusal=refusal, enter=pytest.fail)
     assert report.apply.removed_tags == ["shared:b1"]
     assert report.collect is None and report.error_line() == refusal
+    assert report.result == "refused"
