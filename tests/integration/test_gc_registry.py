@@ -326,3 +326,44 @@ def test_refusal_skips_collection_but_not_retention(env: Env):
     assert report.apply.removed_tags == ["shared:b1"]
     assert report.collect is None and report.error_line() == refusal
     assert report.result == "refused"
+
+
+def test_a_removed_index_takes_its_children_and_signatures_follow(env: Env):
+    layout = env.workdir / "layout"
+    old = add_multiarch(
+        layout,
+        "old",
+        {"amd64": [("app", os.urandom(8 * KiB))], "arm64": [("app", os.urandom(8 * KiB))]},
+    )
+    env.push(layout, "idx", "old", T0, all_=True)
+    old_children = children_of(layout, "old")
+    new = add_image(layout, "new", [("app", os.urandom(8 * KiB))])
+    env.push(layout, "idx", "new", T0 + STEP)
+    # cosign-shaped tags: one signs the old index, one the new image; neither is counted.
+    for subject, tag in ((old, "sig-old"), (new, "sig-new")):
+        add_image(layout, tag, [("sig", os.urandom(KiB))])
+        env.skopeo.run(
+            "copy",
+            "--dest-tls-verify=true",
+            "--dest-cert-dir",
+            str(env.skopeo.cert_dir),
+            f"oci:{layout}:{tag}",
+            f"docker://{env.ref('idx', 'sha256-' + subject.removeprefix('sha256:') + '.sig')}",
+        )
+    files_before = blob_file_bytes(env.registry.storage_root)
+
+    report = env.run(rules(keep_last=1))
+    assert report.ok, report.error_line()
+    assert report.plan is not None
+    deleted = [d.digest for d in report.plan.delete_manifests]
+    assert len(deleted) == 4 and set(old_children) < set(deleted)  # index, 2 children, sig
+    assert all(deleted.index(old) < deleted.index(child) for child in old_children)
+    old_sig = f"idx:sha256-{old.removeprefix('sha256:')}.sig"
+    assert sorted(report.apply.removed_tags) == sorted(["idx:old", old_sig])
+    assert sorted(env.skopeo.list_tags(f"{env.registry.host}/idx")) == sorted(
+        ["new", f"sha256-{new.removeprefix('sha256:')}.sig"]
+    )
+    assert env.skopeo.manifest_digest(env.ref("idx", "new")) == new
+    assert (
+        files_before - blob_file_bytes(env.registry.storage_root) == report.freed_bytes > 16 * KiB
+    )
