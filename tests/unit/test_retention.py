@@ -6,6 +6,8 @@ import datetime as dt
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acme_registry.gcconfig import Pattern, RetentionRules
 from acme_registry.registrytree import (
@@ -247,3 +249,70 @@ def test_ties_in_push_time_break_by_name():
         tree.tag("app", name, tree.image("app", [(name, 10)], name), day(1))
     plan = plan_retention(take_snapshot(tree), rules(keep_last=2), NOW)
     assert removed(plan) == {"app:a"}
+
+
+@st.composite
+def random_trees(draw):
+    """Images sharing layers, indexes over some of them, tags (some moved onto one manifest),
+    cosign tags, across two repositories."""
+    tree = MemoryTree()
+    for repo in ("a", "b/c"):
+        images = []
+        for i in range(draw(st.integers(1, 6))):
+            layers = draw(st.lists(st.sampled_from(["l0", "l1", "l2", f"{repo}{i}"]), max_size=3))
+            images.append(
+                tree.image(repo, [(name, 100 + len(name)) for name in layers], f"{repo}{i}")
+            )
+        manifests = list(images)
+        for _ in range(draw(st.integers(0, 2))):
+            children = draw(st.lists(st.sampled_from(images), min_size=1, max_size=3, unique=True))
+            manifests.append(tree.index(repo, children))
+        for t in range(draw(st.integers(0, 8))):
+            target = draw(st.sampled_from(manifests))
+            name = draw(st.sampled_from([f"t{t}", "latest", f"v{t}"]))
+            tree.tag(repo, name, target, day(draw(st.integers(0, 50))))
+        for target in draw(st.lists(st.sampled_from(manifests), max_size=2)):
+            sig = tree.image(repo, [(f"sig-{target}", 10)], f"sig-{target}")
+            tree.tag(repo, f"sha256-{target.removeprefix('sha256:')}.sig", sig, day(60))
+    rules = RetentionRules(
+        keep_last=draw(st.one_of(st.none(), st.integers(1, 4))),
+        keep_days=draw(st.one_of(st.none(), st.integers(1, 80))),
+        protect=tuple(Pattern(p) for p in draw(st.lists(st.sampled_from(["latest", "v*"])))),
+    )
+    return tree, rules
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_trees())
+def test_plan_invariants(case):
+    tree, rules = case
+    snap = take_snapshot(tree)
+    plan = plan_retention(snap, rules, NOW)
+    deleted = {(d.repository, d.digest) for d in plan.delete_manifests}
+    removed_refs = {t.ref for t in plan.removed_tags}
+    for decision in plan.decisions:
+        tag = decision.tag
+        if rules.protects(tag.name):
+            assert not decision.remove
+        if not decision.remove:
+            # A kept tag's manifest is never deleted.
+            assert (tag.repository, tag.digest) not in deleted
+    for repo, remaining in plan.remaining.items():
+        # Whatever a surviving manifest lists survives with it.
+        for digest in remaining:
+            for child in snap.manifests[digest].children:
+                assert child in remaining
+        # Every tag left points at a manifest that is still there.
+        for tag in snap.tags_of(repo):
+            if tag.ref not in removed_refs:
+                assert tag.digest in remaining
+    # Deleted manifests had tags only among the removed ones, or none (index children).
+    for d in plan.delete_manifests:
+        assert {f"{d.repository}:{t}" for t in d.tags} <= removed_refs
+    # Untagged manifests that no deleted index listed are never deleted.
+    listed = {c for _, digest in deleted for c in snap.manifests[digest].children}
+    tagged = {(t.repository, t.digest) for t in snap.tags}
+    for repo, digest in deleted:
+        assert (repo, digest) in tagged or digest in listed
+    assert plan.freed_bytes >= 0
+    assert plan.freed_bytes + plan.unreferenced_bytes == snap.unreferenced_bytes(plan.remaining)
