@@ -174,6 +174,23 @@ class GcReport:
     def freed_bytes(self) -> int:
         return self.collect.freed_bytes if self.collect else 0
 
+    def summary(self) -> dict[str, object]:
+        """The JSON-able record ``status`` shows and the control socket answers with."""
+        collected = self.collect
+        return {
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat() if self.finished else None,
+            "dry_run": self.dry_run,
+            "result": self.result,
+            "tags_removed": self.tags_removed,
+            "manifests_deleted": len(self.apply.deleted_manifests),
+            "tags_kept": [f"{ref} ({why})" for ref, why in self.apply.kept],
+            "freed_bytes": self.freed_bytes,
+            "announced_bytes": self.plan.collectable_bytes if self.plan else None,
+            "readonly_seconds": round(collected.readonly_seconds, 3) if collected else None,
+            "error": self.error_line(),
+        }
+
     def error_line(self) -> str | None:
         problems = self.errors + self.apply.errors
         if not problems:

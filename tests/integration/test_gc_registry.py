@@ -8,6 +8,7 @@ generation will be). Set ACME_REGISTRY_TEST_REGISTRY_BINARY to run them against 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -165,6 +166,9 @@ def test_ci_history_keep_last_five_protect_latest(env: Env):
     report = env.run(policy)
     assert report.ok, report.error_line()
     assert report.result == "success"
+    summary = report.summary()
+    assert summary["freed_bytes"] == summary["announced_bytes"] == announced
+    assert summary["error"] is None and summary["readonly_seconds"] > 0
     assert report.collect is not None
     assert report.freed_bytes == announced
     print(
@@ -326,6 +330,10 @@ def test_refusal_skips_collection_but_not_retention(env: Env):
     assert report.apply.removed_tags == ["shared:b1"]
     assert report.collect is None and report.error_line() == refusal
     assert report.result == "refused"
+    summary = report.summary()
+    assert summary["result"] == "refused" and summary["readonly_seconds"] is None
+    assert summary["tags_removed"] == 1 and summary["error"] == refusal
+    json.dumps(summary)  # what status --json and the control socket carry
 
 
 def test_a_removed_index_takes_its_children_and_signatures_follow(env: Env):
