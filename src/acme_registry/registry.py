@@ -127,12 +127,6 @@ class Supervisor:
         transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
-    def state(self, name: str) -> str:
-        try:
-            return str(self._proxy().getProcessInfo(name)["statename"])
-        except xmlrpc.client.Fault as fault:
-            raise RuntimeError(f"supervisord: {fault.faultString}") from None
-
     def states(self, group: str) -> dict[str, str]:
         info = self._proxy().getAllProcessInfo()
         return {f"{p['group']}:{p['name']}": p["statename"] for p in info if p["group"] == group}
