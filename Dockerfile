@@ -27,11 +27,13 @@ RUN printf '%s\n' \
         cffi==2.1.1 \
         charset-normalizer==3.5.3 \
         cryptography==50.0.2 \
+        dnspython==2.9.2 \
         idna==3.20 \
         josepy==2.2.0 \
         prometheus-client==0.26.0 \
         pycparser==3.12 \
         pyOpenSSL==26.4.0 \
+        PyYAML==6.0.4 \
         pyRFC3339==2.1.1 \
         requests==2.34.2 \
         supervisor==4.3.0 \
