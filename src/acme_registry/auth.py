@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 # times that at 12. 10 keeps pushes fast while still costing a guesser ~50 ms per try.
 DEFAULT_COST = 10
 MIN_COST = 4  # the lowest golang.org/x/crypto/bcrypt accepts
+# Passwords the agent generates have 192 bits of entropy (generate_password): guessing them
+# is infeasible at any cost, so they get the cheapest hash and the registry answers ~45x
+# faster for them. Passwords a person chose keep DEFAULT_COST.
+GENERATED_COST = MIN_COST
 MAX_COST = 31
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores the rest; the bcrypt package refuses longer ones
 INITIAL_ADMIN = "admin"
@@ -282,12 +286,17 @@ class UserStore:
 
     # -- operations --------------------------------------------------------------------------
 
-    def add(self, name: str, password: str) -> bool:
-        """Add a run-time user or replace its password; True when the user is new."""
+    def add(self, name: str, password: str, *, generated: bool = False) -> bool:
+        """Add a run-time user or replace its password; True when the user is new.
+
+        ``generated``: the password came from :func:`generate_password` (hashed at
+        :data:`GENERATED_COST`); only :meth:`add_generated` passes it.
+        """
         if not valid_name(name):
             raise AuthError("a user name is 1-64 of A-Z a-z 0-9 . _ - characters")
         self._refuse_env_user(name, "change its password there")
-        hashed = hash_password(password, self.cost)  # outside the lock: it takes a while
+        cost = GENERATED_COST if generated else self.cost
+        hashed = hash_password(password, cost)  # outside the lock: it takes a while
         with self._locked():
             state = self._load()
             created = name not in state.users
@@ -298,6 +307,15 @@ class UserStore:
             self._sync()
         log.info("user %s %s", name, "added" if created else "given a new password")
         return created
+
+    def add_generated(self, name: str) -> tuple[bool, str]:
+        """Add a user or reset its password to a generated one: (created, the password).
+
+        The password is generated here, not by the caller, so a cost-4 hash is only ever
+        given to a password known to have 192 bits of entropy.
+        """
+        password = generate_password()
+        return self.add(name, password, generated=True), password
 
     def remove(self, name: str) -> None:
         self._refuse_env_user(name, "remove it there and restart")
@@ -356,7 +374,8 @@ class UserStore:
             if password is None:
                 password = generate_password()
                 self.storage.store(statekeys.INITIAL_ADMIN_PASSWORD, password.encode() + b"\n")
-            state.users[INITIAL_ADMIN] = hash_password(password, self.cost)
+            # Generated (or, after a crash, a file only this method writes): GENERATED_COST.
+            state.users[INITIAL_ADMIN] = hash_password(password, GENERATED_COST)
             state.initial_admin = True
             self._save(state)
             self._sync()
@@ -465,9 +484,11 @@ ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
 def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
     """``user-add``, ``user-remove`` and ``user-list`` for :class:`~.control.ControlServer`.
 
-    Requests: ``{"command": "user-add", "name": N, "password": P}``, ``{"command":
-    "user-remove", "name": N}``, ``{"command": "user-list"}``. Answers are ``{"ok": true,
-    ...}`` or ``{"ok": false, "error": ...}``; none contains a password or a hash.
+    Requests: ``{"command": "user-add", "name": N, "password": P}`` (or ``"generate": true``
+    instead of a password: the agent generates one and answers it as ``"password"``, the
+    only answer holding one, for the CLI to show once), ``{"command": "user-remove", "name":
+    N}``, ``{"command": "user-list"}``. Answers are ``{"ok": true, ...}`` or ``{"ok": false,
+    "error": ...}``; no other answer contains a password, and none a hash.
     """
 
     def answer(action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -478,6 +499,13 @@ def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
 
     def add(request: dict[str, Any]) -> dict[str, Any]:
         name, password = request.get("name"), request.get("password")
+        if isinstance(name, str) and password is None and request.get("generate") is True:
+
+            def generate() -> dict[str, Any]:
+                created, generated = store.add_generated(name)
+                return {"created": created, "password": generated}
+
+            return answer(generate)
         if not isinstance(name, str) or not isinstance(password, str):
             return {"ok": False, "error": "user-add needs a name and a password"}
         return answer(lambda: {"created": store.add(name, password)})

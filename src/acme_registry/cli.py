@@ -177,10 +177,9 @@ def _user(args: argparse.Namespace) -> int:
     from .control import request
 
     fields: dict[str, Any] = {}
-    generated = None
     if args.user_command == "add":
         password: str | None
-        from .auth import generate_password, read_password
+        from .auth import read_password
 
         if sys.stdin.isatty():
             import getpass
@@ -191,9 +190,12 @@ def _user(args: argparse.Namespace) -> int:
                 return 1
         else:
             password = read_password(sys.stdin)
-        if not password:
-            password = generated = generate_password()
-        fields = {"name": args.name, "password": password}
+        # Without one the agent generates it, and hashes it at the cost for generated ones.
+        fields = (
+            {"name": args.name, "password": password}
+            if password
+            else {"name": args.name, "generate": True}
+        )
     elif args.user_command == "remove":
         fields = {"name": args.name}
     try:
@@ -209,6 +211,7 @@ def _user(args: argparse.Namespace) -> int:
             print(f"{name}\t{origin}")
     elif args.user_command == "add":
         print(f"user {args.name} {'added' if answer.get('created') else 'updated'}")
+        generated = answer.get("password")
         if generated:
             print(f"password (shown once): {generated}")
     else:

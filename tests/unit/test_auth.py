@@ -352,6 +352,34 @@ def test_a_damaged_users_file_is_an_error_not_an_empty_store(tmp_path, content):
     assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
 
 
+def test_generated_passwords_are_hashed_at_cost_4_chosen_ones_at_10(tmp_path):
+    # The product's default cost (10), not the cheap one the other tests use.
+    data = tmp_path / "data"
+    first = user_store(data)
+    first.ensure_initial_admin()
+    admin_hash = htpasswd(first)["admin"]
+    assert auth.hash_cost(admin_hash) == 4
+    password = (auth_dir(data) / "initial-admin-password").read_text().strip()
+    assert bcrypt.checkpw(password.encode(), admin_hash.encode())
+
+    created, generated = first.add_generated("ci")
+    assert created is True and len(generated) >= 32
+    assert auth.hash_cost(htpasswd(first)["ci"]) == 4
+    first.add("ci", "chosen by a person")
+    assert auth.hash_cost(htpasswd(first)["ci"]) == 10
+
+    from_env = user_store(tmp_path / "env", load_env_users("alice:" + SECRET, None))
+    from_env.sync_htpasswd()
+    assert auth.hash_cost(htpasswd(from_env)["alice"]) == 10
+
+
+def test_generated_password_has_at_least_128_bits():
+    # token_urlsafe: 6 bits per character; the cost-4 rule rests on this.
+    samples = {auth.generate_password() for _ in range(50)}
+    assert len(samples) == 50
+    assert all(len(p) * 6 >= 128 for p in samples)
+
+
 def test_control_handlers(tmp_path):
     s = store(tmp_path, env="alice:a")
     handlers = auth.control_handlers(s)
@@ -364,6 +392,10 @@ def test_control_handlers(tmp_path):
     answer = add({"name": "eve", "password": SECRET * 5})
     assert answer["ok"] is False and SECRET not in json.dumps(answer)
     assert add({"name": "eve"})["ok"] is False
+    generated = add({"name": "gen", "generate": True})
+    assert generated["ok"] is True and generated["created"] is True
+    assert bcrypt.checkpw(generated["password"].encode(), htpasswd(s)["gen"].encode())
+    assert auth.hash_cost(htpasswd(s)["gen"]) == 4
     assert remove({"name": "bob"}) == {"ok": True}
     assert remove({"name": "bob"}) == {"ok": False, "error": "no user 'bob'"}
     assert remove({})["ok"] is False
