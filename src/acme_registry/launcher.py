@@ -73,6 +73,10 @@ def supervisord_environment(settings: Settings, socket_activation: bool) -> dict
         ACME_REGISTRY_HANDOFF=str(handoff_socket(settings)) if socket_activation else "",
         ACME_REGISTRY_PYTHON=sys.executable,
     )
+    if settings.auth_mode == "token" and any(n.upper().startswith("REGISTRY_STORAGE") for n in env):
+        # Storage configured through the environment replaces the config file's storage
+        # section, and with it the storage.delete.enabled that token mode's grants need.
+        env.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
     # registry 3.x initialises OpenTelemetry from the environment and fails without this.
     env.setdefault("OTEL_TRACES_EXPORTER", "none")
     return env
