@@ -145,6 +145,9 @@ def launch(settings: Settings) -> int:
     if storage:
         checks.append(check_writable("the registry's storage", Path(storage)))
     checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
+    if settings.token is not None:
+        token_addr = settings.token.addr
+        checks.append(check_bindable("TOKEN_ADDR", token_addr.host, token_addr.port))
     for problem in checks:
         if problem:
             print(f"acme-registry: {problem}", file=sys.stderr)

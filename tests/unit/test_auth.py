@@ -428,3 +428,61 @@ def test_reading_the_configuration_does_not_load_bcrypt():
     code = "import sys, acme_registry.config; print('bcrypt' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "False"
+
+
+# -- token mode: run-time grants and the token service's password lookup --------------------
+
+
+def test_runtime_grants_replace_keep_and_drop(tmp_path):
+    from acme_registry.policy import Grants
+
+    s = store(tmp_path, env="alice:a")
+    handlers = auth.control_handlers(s, describe_grants=lambda name: f"grants of {name}")
+    add, list_users = handlers["user-add"], handlers["user-list"]
+    ci = auth.grants_record([], ["team/*"], ["team/tmp/*"], False)
+    assert add({"name": "ci", "password": SECRET, "grants": ci})["ok"] is True
+    assert s.runtime_grants() == {"ci": Grants(push=("team/*",), delete=("team/tmp/*",))}
+    # A password reset without grant flags keeps them; new flags replace them.
+    assert add({"name": "ci", "password": "new one"})["ok"] is True
+    assert s.runtime_grants()["ci"].push == ("team/*",)
+    nodes = auth.grants_record(["*"], [], [], True)
+    assert add({"name": "ci", "password": "x", "grants": nodes})["ok"] is True
+    assert s.runtime_grants()["ci"] == Grants(pull=("*",), catalog=True)
+    # An environment user may get run-time grants (not a password).
+    s.set_grants("alice", auth.grants_record(["public/*"], [], [], False))
+    assert s.runtime_grants()["alice"].pull == ("public/*",)
+    listed = list_users({})
+    assert listed["grants"] == {"alice": "grants of alice", "ci": "grants of ci"}
+    # A bad pattern changes nothing, not even the password.
+    before = htpasswd(s)["ci"]
+    bad = add(
+        {"name": "ci", "password": "y", "grants": auth.grants_record(["Team/*"], [], [], False)}
+    )
+    assert bad["ok"] is False and "--pull" in bad["error"]
+    assert htpasswd(s)["ci"] == before
+    s.remove("ci")
+    assert "ci" not in s.runtime_grants()
+
+
+def test_grants_are_refused_outside_token_mode(tmp_path):
+    add = auth.control_handlers(store(tmp_path))["user-add"]
+    answer = add({"name": "ci", "password": SECRET, "grants": auth.grants_record([], [], [], True)})
+    assert answer["ok"] is False and "AUTH_MODE=token" in answer["error"]
+
+
+def test_password_hash_for_the_token_service(tmp_path):
+    s = store(tmp_path, env="alice:" + SECRET)
+    s.sync_htpasswd()
+    s.add("bob", "bob-password")
+    alice = s.password_hash("alice")
+    assert alice is not None and bcrypt.checkpw(SECRET.encode(), alice.encode())
+    assert s.password_hash("alice") == alice  # hashed once per process
+    bob = s.password_hash("bob")
+    assert bob is not None and bcrypt.checkpw(b"bob-password", bob.encode())
+    assert s.password_hash("nobody") is None
+    # Another process (the CLI through the agent, or a second store) changes the file.
+    store(tmp_path, env="alice:" + SECRET).add("bob", "changed")
+    changed = s.password_hash("bob")
+    assert changed is not None and bcrypt.checkpw(b"changed", changed.encode())
+    s.remove("bob")
+    assert s.password_hash("bob") is None
