@@ -150,6 +150,8 @@ class Agent:
                 if self.token is not None:
                     self.token.maintain(utcnow(), self._rotate_for_token_keys)
                 wait = self.source.maintain(utcnow(), renewals)
+                if self.token is not None and self.token.failed_to_listen:
+                    wait = min(wait, RETRY)
             except (OSError, xmlrpc.client.Error) as error:
                 if self._stopping.is_set():
                     break  # supervisord is shutting down around us
@@ -206,8 +208,14 @@ class Agent:
 
     def _token_follows(self) -> None:
         """The token service serves the certificate the registry now serves."""
-        if self.token is not None:
+        if self.token is None:
+            return
+        try:
             self.token.serve(self.source.store.tls_file)
+        except (OSError, ValueError) as error:
+            # The launcher checked TOKEN_ADDR, so this is a port taken since: the registry
+            # keeps serving, and the next loop step tries again.
+            log.error("token service unavailable: %s", error)
 
     def _rotate_for_token_keys(self) -> bool:
         """A generation that reads the new token bundle (same TLS certificate); False when

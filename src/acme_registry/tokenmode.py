@@ -149,6 +149,11 @@ class TokenMode:
         if self.server is None:
             self.server = self._start_server(self.certificate)
 
+    @property
+    def failed_to_listen(self) -> bool:
+        """A certificate to serve, and no server: the last start failed."""
+        return self.certificate is not None and self.server is None
+
     def _start_server(self, certificate: ServerCertificate) -> ThreadedServer:
         from .launcher import bind_problem  # launcher imports the agent, which imports us
 
