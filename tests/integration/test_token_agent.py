@@ -23,6 +23,7 @@ POLICY = """\
 users:
   ci:
     push: ["team/*", "public/*"]
+    delete: ["team/tmp/*"]
   node:
     pull: ["team/*"]
 """
@@ -107,6 +108,17 @@ def test_token_mode_through_the_agent(tmp_path, pebble_factory, registry_binary,
             )
         assert metric(agent, "acme_registry_auth_failures_total", reason="invalid_credentials") > 0
         assert metric(agent, "acme_registry_tokens_issued_total") > 0
+
+        # Deleting: the agent turned storage.delete on (here through the environment, as
+        # storage is configured by REGISTRY_STORAGE_*), and only the grant allows it.
+        ci.push(oci_image, "v1", ref(agent, "team/tmp/scratch"))
+        delete = ["delete", "--tls-verify=true", "--cert-dir", str(ci.cert_dir)]
+        delete += ["--creds", f"ci:{PASSWORDS['ci']}"]
+        with pytest.raises(AssertionError):
+            ci.run(*delete, f"docker://{ref(agent, 'team/app')}")
+        ci.run(*delete, f"docker://{ref(agent, 'team/tmp/scratch')}")
+        with pytest.raises(AssertionError):
+            ci.manifest_digest(ref(agent, "team/tmp/scratch"))
 
         # Run-time grants from the CLI, applied to the next token without a restart.
         added = user_cli(agent, "add", "extra", "--push", "extra/*", stdin="extra-Pa55word\n")
