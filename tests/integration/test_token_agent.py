@@ -7,6 +7,9 @@ the metrics, and the token service following a certificate renewal.
 
 from __future__ import annotations
 
+import base64
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +181,52 @@ def test_token_addr_that_cannot_be_bound_is_one_line_exit_1(
     assert code == 1
     problems = [line for line in agent.log().splitlines() if "TOKEN_ADDR" in line]
     assert len(problems) == 1 and str(port) in problems[0], agent.log()
+
+
+def token_get(
+    pebble: Pebble, port: int, user: str, password: str, source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str]]:
+    """GET /token with basic credentials from ``source``: dialled on loopback, the
+    certificate verified for NAME. Returns the status and the headers (lower-case names)."""
+    context = ssl.create_default_context(cadata=pebble.root_pem().decode())
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    with context.wrap_socket(raw, server_hostname=NAME) as conn:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        conn.sendall(
+            f"GET /token?service={NAME}&scope=repository:team/app:pull HTTP/1.1\r\n"
+            f"Host: {NAME}:{port}\r\nAuthorization: Basic {basic}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(head[0].split()[1]), headers
+
+
+def test_throttled_per_user_and_address_through_the_agent(
+    tmp_path, pebble_factory, registry_binary
+):
+    pebble = pebble_factory(free_port())
+    agent, token_port = start_token_agent(tmp_path, pebble, registry_binary)
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        wait_for_tls("127.0.0.1", token_port, NAME, pebble.root_pem(), 30)
+        statuses = [token_get(pebble, token_port, "ci", "wrong")[0] for _ in range(20)]
+        assert statuses[0] == 401 and statuses[-1] == 429, statuses
+        status, headers = token_get(pebble, token_port, "ci", PASSWORDS["ci"])
+        assert status == 429 and int(headers["retry-after"]) > 0
+        # Another user from that address, and that user from another address: at once.
+        assert token_get(pebble, token_port, "node", PASSWORDS["node"])[0] == 200
+        assert token_get(pebble, token_port, "ci", PASSWORDS["ci"], "127.0.0.2")[0] == 200
+        assert metric(agent, "acme_registry_auth_failures_total", reason="throttled") > 0
+    finally:
+        assert agent.stop() == 0
