@@ -16,7 +16,7 @@ import threading
 import xmlrpc.client
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import statekeys
 from .admin import AdminServer, Metrics
@@ -39,7 +39,9 @@ from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
 from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
 from .storage import FileStorage, ensure_private_dir
-from .tokenmode import TokenMode
+
+if TYPE_CHECKING:
+    from .tokenmode import TokenMode
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,9 @@ class Agent:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
         extra: dict[str, Any] = {}
         if self.settings.token is not None and self.users is not None:
+            # Here, not at the top: outside token mode the agent never loads cryptography.
+            from .tokenmode import TokenMode
+
             self.token = TokenMode(
                 self.settings.token, self.settings.data_dir, self.users, self.metrics, utcnow()
             )
