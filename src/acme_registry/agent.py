@@ -16,7 +16,7 @@ import threading
 import xmlrpc.client
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import statekeys
 from .admin import AdminServer, Metrics
@@ -39,6 +39,9 @@ from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
 from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
 from .storage import FileStorage, ensure_private_dir
+
+if TYPE_CHECKING:
+    from .tokenmode import TokenMode
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,11 @@ class Agent:
             UserStore(
                 self.storage, settings.data_dir / statekeys.HTPASSWD_FILE, settings.auth_users
             )
-            if settings.auth_mode == "htpasswd"
+            if settings.auth_mode in ("htpasswd", "token")
             else None
         )
+        # Made in start(): it writes its keyring into DATA_DIR.
+        self.token: TokenMode | None = None
         self.metrics = Metrics()
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve
@@ -80,7 +85,8 @@ class Agent:
             "renew": self._renew,
         }
         if self.users is not None:
-            handlers.update(user_handlers(self.users))
+            describe = self._describe_grants if settings.token is not None else None
+            handlers.update(user_handlers(self.users, describe))
         self.control = ControlServer(settings.control_socket, handlers)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -106,15 +112,28 @@ class Agent:
             auth = registry_auth_config(self.users.htpasswd_path, "acme-registry")
         else:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
-        self.generations.configure(
-            render_config(
-                self.settings,
-                http_secret(self.storage),
-                self.source.store.tls_file,
-                self.settings.registry_env,
-                auth,
+        extra: dict[str, Any] = {}
+        if self.settings.token is not None and self.users is not None:
+            # Here, not at the top: outside token mode the agent never loads cryptography.
+            from .tokenmode import TokenMode
+
+            self.token = TokenMode(
+                self.settings.token, self.settings.data_dir, self.users, self.metrics, utcnow()
             )
+            extra = self.token.registry_config(utcnow())
+            auth = extra["auth"]
+        config = render_config(
+            self.settings,
+            http_secret(self.storage),
+            self.source.store.tls_file,
+            self.settings.registry_env,
+            auth,
         )
+        if "storage" in config and "storage" in extra:
+            # Without a storage section the environment configures it, and the launcher
+            # passes REGISTRY_STORAGE_DELETE_ENABLED instead.
+            config["storage"].update(extra["storage"])
+        self.generations.configure(config)
         self.responder.start()
         self.control.start()
         try:
@@ -133,7 +152,11 @@ class Agent:
         while not self._stopping.is_set():
             renewals = self._take_renewals()
             try:
+                if self.token is not None:
+                    self.token.maintain(utcnow(), self._rotate_for_token_keys)
                 wait = self.source.maintain(utcnow(), renewals)
+                if self.token is not None and self.token.failed_to_listen:
+                    wait = min(wait, RETRY)
             except (OSError, xmlrpc.client.Error) as error:
                 if self._stopping.is_set():
                     break  # supervisord is shutting down around us
@@ -148,6 +171,8 @@ class Agent:
         self._stopping.set()
         self._wake.set()
         self.admin.stop()
+        if self.token is not None:
+            self.token.stop()
         self.control.stop()
         self.responder.stop()
         log.info("agent stopped")
@@ -172,6 +197,7 @@ class Agent:
             log.info("starting the registry with %s", pair.describe())
             self.generations.ensure_running()
             self.metrics.registry_started()
+            self._token_follows()
             return
         served = self._probe(request=False).fingerprint
         if served is not None and served != pair.fingerprint:
@@ -181,6 +207,32 @@ class Agent:
                 serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
             )
             self.metrics.registry_started()
+            self._token_follows()
+        elif self.token is not None and self.token.server is None:
+            self._token_follows()  # an earlier start of the token service failed
+
+    def _token_follows(self) -> None:
+        """The token service serves the certificate the registry now serves."""
+        if self.token is None:
+            return
+        try:
+            self.token.serve(self.source.store.tls_file)
+        except (OSError, ValueError) as error:
+            # The launcher checked TOKEN_ADDR, so this is a port taken since: the registry
+            # keeps serving, and the next loop step tries again.
+            log.error("token service unavailable: %s", error)
+
+    def _rotate_for_token_keys(self) -> bool:
+        """A generation that reads the new token bundle (same TLS certificate); False when
+        none runs yet (the first one, started later, reads it)."""
+        if self.generations.current() is None:
+            return False
+        self.generations.rotate()
+        self.metrics.registry_started()
+        return True
+
+    def _describe_grants(self, name: str) -> str:
+        return self.token.describe_grants(name) if self.token is not None else "everything"
 
     def _probe(self, request: bool = True) -> RegistryProbe:
         return probe_registry(

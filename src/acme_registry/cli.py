@@ -39,12 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a full order against the staging (dry-run) directory; the live certificate stays",
     )
-    user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd)")
+    user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd or token)")
     user_commands = user.add_subparsers(dest="user_command", required=True)
     add = user_commands.add_parser(
         "add", help="add a user or set a password (read from stdin, or generated and printed)"
     )
     add.add_argument("name")
+    # Token mode's run-time grants; given any, they replace the user's earlier ones.
+    for action in ("pull", "push", "delete"):
+        add.add_argument(
+            f"--{action}",
+            action="append",
+            default=None,
+            metavar="PATTERN",
+            help=f"AUTH_MODE=token: may {action} repositories matching PATTERN (repeatable)",
+        )
+    add.add_argument(
+        "--catalog", action="store_true", help="AUTH_MODE=token: may list the repositories"
+    )
     remove = user_commands.add_parser("remove", help="remove a user added at run time")
     remove.add_argument("name")
     user_commands.add_parser("list", help="the users and where each comes from")
@@ -177,10 +189,13 @@ def _user(args: argparse.Namespace) -> int:
     from .control import request
 
     fields: dict[str, Any] = {}
-    generated = None
+    grants = _grant_flags(args) if args.user_command == "add" else None
+    if isinstance(grants, str):
+        print(f"acme-registry: {grants}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.user_command == "add":
         password: str | None
-        from .auth import generate_password, read_password
+        from .auth import read_password
 
         if sys.stdin.isatty():
             import getpass
@@ -191,9 +206,14 @@ def _user(args: argparse.Namespace) -> int:
                 return 1
         else:
             password = read_password(sys.stdin)
-        if not password:
-            password = generated = generate_password()
-        fields = {"name": args.name, "password": password}
+        # Without one the agent generates it, and hashes it at the cost for generated ones.
+        fields = (
+            {"name": args.name, "password": password}
+            if password
+            else {"name": args.name, "generate": True}
+        )
+        if grants is not None:
+            fields["grants"] = grants
     elif args.user_command == "remove":
         fields = {"name": args.name}
     try:
@@ -205,15 +225,37 @@ def _user(args: argparse.Namespace) -> int:
         print(f"acme-registry: {answer.get('error')}", file=sys.stderr)
         return 1
     if args.user_command == "list":
+        grants_of = answer.get("grants")
         for name, origin in sorted(answer.get("users", {}).items()):
-            print(f"{name}\t{origin}")
+            if grants_of is None:
+                print(f"{name}\t{origin}")
+            else:
+                print(f"{name}\t{origin}\t{grants_of.get(name, 'everything')}")
     elif args.user_command == "add":
         print(f"user {args.name} {'added' if answer.get('created') else 'updated'}")
+        generated = answer.get("password")
         if generated:
             print(f"password (shown once): {generated}")
     else:
         print(f"user {args.name} removed")
     return 0
+
+
+def _grant_flags(args: argparse.Namespace) -> dict[str, Any] | str | None:
+    """The grant flags of ``user add`` as stored (None: no flag, keep the user's grants),
+    or the one-line problem with a pattern."""
+    from .auth import grants_record
+    from .policy import PolicyError, make_grants
+
+    if not (args.pull or args.push or args.delete or args.catalog):
+        return None
+    try:
+        for action in ("pull", "push", "delete"):
+            patterns: dict[str, Any] = {action: getattr(args, action) or []}
+            make_grants(**patterns, source=f"--{action}")
+    except PolicyError as error:
+        return str(error)
+    return grants_record(args.pull or [], args.push or [], args.delete or [], args.catalog)
 
 
 def _format_status(answer: dict[str, Any]) -> str:

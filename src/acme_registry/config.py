@@ -19,9 +19,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .auth import Credential, UsersFormatError, load_env_users
+
+if TYPE_CHECKING:
+    from .tokenconfig import TokenSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,9 @@ DIRECTORY_ALIASES = {"letsencrypt": LETSENCRYPT, "letsencrypt-staging": LETSENCR
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-AUTH_MODES = ("htpasswd", "none")
+AUTH_MODES = ("htpasswd", "none", "token")
+# Modes in which the agent writes the registry's auth section (REGISTRY_AUTH* refused).
+AGENT_AUTH_MODES = ("htpasswd", "token")
 SOCKET_ACTIVATION_MODES = ("auto", "on", "off")
 
 # The variables this program reads. Unknown ACME_* names are rejected so that a typo
@@ -63,6 +69,13 @@ KNOWN_VARIABLES = (
     "AUTH_USERS",
     "AUTH_USERS_FILE",
     "ADMIN_ADDR",
+    # Token mode's (tokenconfig.KNOWN_VARIABLES): listed here because tokenconfig imports us.
+    "TOKEN_ADDR",
+    "TOKEN_REALM",
+    "TOKEN_TTL",
+    "TOKEN_PROXY_PROTOCOL",
+    "AUTH_POLICY_FILE",
+    "AUTH_ANONYMOUS_PULL",
 )
 
 # Registry settings the agent owns, as the registry's environment names them (it splits
@@ -135,6 +148,8 @@ class Settings:
     # The longest wait between two ARI fetches (Let's Encrypt: at least twice a day).
     # Internal: tests shorten it with ACME_REGISTRY_ARI_MAX_RECHECK (seconds).
     ari_max_recheck: dt.timedelta = dt.timedelta(hours=12)
+    # AUTH_MODE=token only: the token service and the registry's auth.token.
+    token: TokenSettings | None = None
 
     @property
     def directory_id(self) -> str:
@@ -177,12 +192,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     tls_key_file = _tls_file(env, "TLS_KEY_FILE", cert_dir / "domain.key", acme_enabled)
     auth_mode = _choice(env, "AUTH_MODE", AUTH_MODES, "htpasswd")
     auth_users = _auth_users(env, auth_mode)
-    registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
+    registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode in AGENT_AUTH_MODES)
     registry_addr = _listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443"))
     http_port = _port("ACME_HTTP_PORT", env.get("ACME_HTTP_PORT", "80"))
     admin_addr = _listen_address("ADMIN_ADDR", env.get("ADMIN_ADDR", "127.0.0.1:9180"))
     if admin_addr.port in (registry_addr.port, http_port):
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
+    token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),
@@ -220,7 +236,51 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ari_max_recheck=dt.timedelta(
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
+        token=token,
     )
+
+
+def _token_settings(
+    env: Mapping[str, str],
+    auth_mode: str,
+    domains: tuple[str, ...],
+    registry_addr: ListenAddress,
+    http_port: int,
+    admin_addr: ListenAddress,
+) -> TokenSettings | None:
+    """Token mode's settings, its policy file parsed once so that a bad one stops the start.
+
+    Outside token mode its variables are refused rather than ignored: an operator who set
+    AUTH_ANONYMOUS_PULL expects anonymous pulls, not a registry refusing them.
+    """
+    from . import tokenconfig
+    from .policy import PolicyError, parse_policy
+
+    tokenconfig.reject_unknown_token_variables(env)
+    if auth_mode != "token":
+        for name in tokenconfig.KNOWN_VARIABLES:
+            if env.get(name, "").strip():
+                raise ConfigError(name, "set, but only used with AUTH_MODE=token")
+        return None
+    taken = {
+        registry_addr.port: "the registry (REGISTRY_HTTP_ADDR)",
+        http_port: "ACME_HTTP_PORT",
+        admin_addr.port: "ADMIN_ADDR",
+    }
+    settings = tokenconfig.load_token_settings(env, domains, taken)
+    if settings.policy_file is not None:
+        path = settings.policy_file
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise ConfigError("AUTH_POLICY_FILE", f"cannot read {path} ({reason})") from None
+        try:
+            parse_policy(text, str(path))
+        except PolicyError as error:
+            # Already "FILE:LINE: problem", the file named as the setting is.
+            raise ConfigError("AUTH_POLICY_FILE", str(error)) from None
+    return settings
 
 
 # Kubernetes injects these for every Service in the namespace (a Service "acme" gives
@@ -508,7 +568,8 @@ def _registry_env(env: Mapping[str, str], cert_dir: Path, owns_auth: bool) -> di
         if owns_auth and upper.startswith("REGISTRY_AUTH"):
             raise ConfigError(
                 name,
-                "the agent owns auth while AUTH_MODE=htpasswd; unset it, or set AUTH_MODE=none",
+                "the agent owns auth while AUTH_MODE=htpasswd or token; unset it, or set "
+                "AUTH_MODE=none",
             )
         if upper in OWNED_REGISTRY_SECTIONS or upper.startswith(OWNED_REGISTRY_PREFIXES):
             setting = upper.removeprefix("REGISTRY_").lower().replace("_", ".")
