@@ -5,7 +5,8 @@ pair of generation switches (:meth:`RegistryGenerations.enter_readonly` /
 ``leave_readonly``), the API calls go to the served port as an internal htpasswd user, and
 each run is recorded in ``DATA_DIR/state/gc.json`` (for ``status``) and in the metrics.
 One run at a time, and never while a certificate rotation switches generations: both
-hold the agent's registry lock.
+hold the agent's registry lock. :mod:`gc` (and with it requests) is imported at the first
+run only: the long-running agent stays small when no collection runs.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
-import urllib3
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from . import gc
 from .auth import Credential, generate_password
 from .config import Settings
 from .gcconfig import RetentionRules, next_run
 from .registry import RegistryGenerations
 from .registrytree import FilesystemTree, take_snapshot
 from .storage import Storage
+
+if TYPE_CHECKING:
+    import requests
+
+    from . import gc
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,8 @@ class GcRunner:
         return report
 
     def tag_delete(self) -> bool:
+        from . import gc
+
         if self._tag_delete is None:
             self._tag_delete = gc.supports_tag_delete(
                 gc.registry_version(self.settings.registry_binary)
@@ -202,6 +207,8 @@ class GcRunner:
         return self._tag_delete
 
     def _run_locked(self, dry_run: bool) -> gc.GcReport:
+        from . import gc
+
         try:
             tag_delete = self.tag_delete()
             config = self.generations.write_collection_config()
@@ -254,6 +261,9 @@ class GcRunner:
         return f"https://[{host}]:{addr.port}" if ":" in host else f"https://{host}:{addr.port}"
 
     def _session(self) -> requests.Session:
+        import requests
+        import urllib3
+
         session = requests.Session()
         # Loopback to the registry this agent started, which serves the agent's own pair:
         # the name is not checked (the connection goes to an address, not the domain).
@@ -289,6 +299,8 @@ class GcRunner:
 
 def answer(report: gc.GcReport, tag_delete: Callable[[], bool]) -> dict[str, Any]:
     """The control socket's answer to `gc`: the summary, and the dry run's lines."""
+    from . import gc
+
     out: dict[str, Any] = {"ok": report.ok, **report.summary()}
     if report.dry_run and report.plan is not None:
         out["lines"] = gc.describe_plan(report.plan, tag_delete=tag_delete())
