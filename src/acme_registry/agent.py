@@ -178,6 +178,7 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self.gc.stop()
         self.admin.stop()
         self.control.stop()
         self.responder.stop()

@@ -197,6 +197,13 @@ class GcRunner:
             )
         return report
 
+    def stop(self) -> None:
+        """The agent is stopping: no garbage-collect may outlive it."""
+        if self._run_lock.locked():
+            from . import gc
+
+            gc.stop_running()
+
     def tag_delete(self) -> bool:
         from . import gc
 

@@ -289,3 +289,61 @@ def test_a_short_schedule_fires_by_itself(
     finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
+
+
+def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_write(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    held = HeldCollection(tmp_path / "held", registry_binary)
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, held.binary, **KEEP, GC_TIMEOUT="2s")
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        push_history(agent, skopeo, layout, "ci/app", ["t1", "t2", "t3"])
+        result = agent.cli("gc", timeout=120)  # held past the timeout: never released
+        assert result.returncode == 1
+        assert "GC_TIMEOUT" in result.stderr, result.stderr
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "timeout"
+        assert "GC_TIMEOUT" in state["last_run"]["error"]
+        assert state["last_success"] is None
+        assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
+        assert metric(agent, "acme_registry_readonly") == 0.0
+        add_image(layout, "after", [("after", os.urandom(16 * 1024))])
+        skopeo.push(layout, "after", f"{NAME}:{agent.registry_port}/ci/app:after")
+    finally:
+        held.release()
+        assert agent.stop() == 0
+
+
+def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    held = HeldCollection(tmp_path / "held", registry_binary)
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, held.binary, **KEEP)
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        run = gc_in_background(agent)
+        pid = held.wait_started()
+        assert agent.stop() == 0
+        assert run.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_alive(pid):
+            time.sleep(0.1)
+        assert not process_alive(pid), "garbage-collect outlived the agent"
+    finally:
+        held.kill()
+        agent.stop()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
