@@ -53,6 +53,14 @@ def storage_root(registry_env: Mapping[str, str]) -> Path:
     return Path(DEFAULT_STORAGE_ROOT)
 
 
+def filesystem_storage(registry_env: Mapping[str, str]) -> bool:
+    """Whether the registry stores on the filesystem (the only tree read so far)."""
+    for name, value in registry_env.items():
+        if name.upper() == "REGISTRY_STORAGE":
+            return value.strip().lower() in ("", "filesystem")
+    return True
+
+
 def blob_descriptor_cache(registry_env: Mapping[str, str]) -> str | None:
     for name, value in registry_env.items():
         if name.upper() == "REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR":
@@ -171,6 +179,8 @@ class GcRunner:
 
     def refresh_storage_bytes(self) -> None:
         self._bytes_at = time.monotonic()
+        if not filesystem_storage(self.settings.registry_env):
+            return  # no tree to measure (S3 needs a listing): the gauge stays NaN
         try:
             self.metrics.storage_bytes.set(take_snapshot(self.tree).total_bytes)
         except OSError as error:
