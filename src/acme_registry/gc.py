@@ -352,7 +352,15 @@ def collect(
         # Read-only now: nothing changes until leave_readonly(), so what nothing references
         # at this moment is exactly what the sweep deletes.
         freed = take_snapshot(tree).unreferenced_bytes()
-        seconds, tail = garbage_collect(binary, config, env, deadline - time.monotonic())
+        try:
+            seconds, tail = garbage_collect(binary, config, env, deadline - time.monotonic())
+        except GcTimeout:
+            # The window counts from its start (the switch to read-only included), so name
+            # the setting's value, not what was left of it for garbage-collect.
+            raise GcTimeout(
+                f"garbage-collect stopped: the read-only window reached the "
+                f"{timeout.total_seconds():.0f} s GC_TIMEOUT"
+            ) from None
     finally:
         leave_readonly()
     return CollectResult(freed, seconds, time.monotonic() - window_start, tail)

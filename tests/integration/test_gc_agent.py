@@ -296,7 +296,7 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
 ) -> None:
     held = HeldCollection(tmp_path / "held", registry_binary)
     pebble = pebble_factory(free_port())
-    agent = start_agent(tmp_path, pebble, held.binary, **KEEP, GC_TIMEOUT="2s")
+    agent = start_agent(tmp_path, pebble, held.binary, **KEEP, GC_TIMEOUT="8s")
     try:
         served(agent, pebble)
         agent.wait_ready()
@@ -310,6 +310,8 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
         assert state["last_run"]["result"] == "timeout"
         assert "GC_TIMEOUT" in state["last_run"]["error"]
         assert state["last_success"] is None
+        text = agent.cli("status").stdout
+        assert "gc error:    garbage-collect stopped: the read-only window reached the 8 s" in text
         assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
         assert metric(agent, "acme_registry_readonly") == 0.0
         add_image(layout, "after", [("after", os.urandom(16 * 1024))])
