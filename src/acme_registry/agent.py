@@ -81,6 +81,7 @@ class Agent:
             (self._gc_user[0], self._gc_user[1].secret)
             if self._gc_user and self.users is not None
             else None,
+            self.metrics.registry_started,
         )
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve

@@ -132,6 +132,7 @@ class GcRunner:
         registry_lock: threading.Lock,
         metrics_registry: CollectorRegistry,
         credentials: tuple[str, str] | None,
+        generation_started: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -139,6 +140,7 @@ class GcRunner:
         self.lock = registry_lock
         self.metrics = GcMetrics(metrics_registry)
         self.credentials = credentials
+        self.generation_started = generation_started
         self.tree = FilesystemTree(storage_root(settings.registry_env))
         self._tag_delete: bool | None = None
         self._next: dt.datetime | None = None
@@ -260,11 +262,13 @@ class GcRunner:
     def _enter_readonly(self) -> None:
         self.metrics.readonly.set(1)
         self.generations.enter_readonly()
+        self.generation_started()
 
     def _leave_readonly(self) -> None:
         # Always end read-write, even when entering failed half-way.
         self.generations.readonly = True
         self.generations.leave_readonly()
+        self.generation_started()
         self.metrics.readonly.set(0)
 
     def _registry_process_env(self) -> dict[str, str]:
