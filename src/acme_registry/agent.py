@@ -26,6 +26,8 @@ from .certstore import CertificatePair
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer, Handler
+from .gcrunner import GcRunner, internal_user
+from .gcrunner import answer as gc_answer
 from .outcome import IssuanceResult
 from .registry import (
     RegistryGenerations,
@@ -72,6 +74,20 @@ class Agent:
         # Made in start(): it writes its keyring into DATA_DIR.
         self.token: TokenMode | None = None
         self.metrics = Metrics()
+        # Rotations and a collection's read-only window both switch generations: one at a time.
+        self._registry_lock = threading.Lock()
+        self._gc_user = internal_user() if settings.gc.retention.enabled else None
+        self.gc = GcRunner(
+            settings,
+            self.storage,
+            self.generations,
+            self._registry_lock,
+            self.metrics.registry,
+            (self._gc_user[0], self._gc_user[1].secret)
+            if self._gc_user and self.users is not None
+            else None,
+            self.metrics.registry_started,
+        )
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve
         )
@@ -83,6 +99,7 @@ class Agent:
             "ready": self._ready,
             "status": self._status,
             "renew": self._renew,
+            "gc": self._gc,
         }
         if self.users is not None:
             describe = self._describe_grants if settings.token is not None else None
@@ -106,6 +123,9 @@ class Agent:
             # The htpasswd file must exist before any registry starts: without it the
             # registry invents a user and logs its password.
             message = self.users.ensure_initial_admin()
+            if self._gc_user is not None:
+                # After the initial admin check, which must not count it as a user.
+                self.users.env_users[self._gc_user[0]] = self._gc_user[1]
             self.users.sync_htpasswd()
             if message:
                 log.warning("%s", message)
@@ -134,6 +154,7 @@ class Agent:
             # passes REGISTRY_STORAGE_DELETE_ENABLED instead.
             config["storage"].update(extra["storage"])
         self.generations.configure(config)
+        self.gc.start(utcnow())
         self.responder.start()
         self.control.start()
         try:
@@ -162,14 +183,26 @@ class Agent:
                     break  # supervisord is shutting down around us
                 log.error("maintenance step failed: %s; trying again in %d s", error, RETRY)
                 wait = RETRY
+            wait = min(wait, self._maintain_gc())
             self._wake.wait(timeout=wait)
             self._wake.clear()
         for renewal in self._take_renewals():
             renewal.cancel()
 
+    def _maintain_gc(self) -> float:
+        """A scheduled collection when due; seconds until the next one (inf when off)."""
+        try:
+            if self.generations.current() is not None:
+                self.gc.run_if_due(utcnow())
+        except (OSError, xmlrpc.client.Error) as error:
+            log.error("scheduled garbage collection failed: %s", error)
+        due = self.gc.seconds_until_due(utcnow())
+        return float("inf") if due is None else due
+
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self.gc.stop()
         self.admin.stop()
         if self.token is not None:
             self.token.stop()
@@ -203,9 +236,10 @@ class Agent:
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             # With a shared socket the old generation stops only once the new pair is served.
-            self.generations.rotate(
-                serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
-            )
+            with self._registry_lock:  # never inside a collection's read-only window
+                self.generations.rotate(
+                    serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
+                )
             self.metrics.registry_started()
             self._token_follows()
         elif self.token is not None and self.token.server is None:
@@ -280,6 +314,12 @@ class Agent:
             return {"ok": False, "error": f"the renewal did not finish: {error}"}
         return result.answer()
 
+    def _gc(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.generations.current() is None:
+            return {"ok": False, "error": "the registry does not run yet"}
+        report = self.gc.run(dry_run=bool(request.get("dry_run")))
+        return gc_answer(report, self.gc.tag_delete)
+
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()
         pair, problem = self.source.current(now)
@@ -292,6 +332,7 @@ class Agent:
             "problem": problem,
             "next_check": state["next_check"],
             "backoff": state["backoff"],
+            "gc": self.gc.status(),
         }
         if pair is not None:
             answer["certificate"] = {

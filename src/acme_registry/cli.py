@@ -23,7 +23,7 @@ EXIT_CONFIG = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{run,check,health,status,renew,user}"
+        dest="command", required=True, metavar="{run,check,health,status,renew,gc,user}"
     )
     commands.add_parser("run", help="start supervisord, the agent and the registry")
     commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run",
         action="store_true",
         help="a full order against the staging (dry-run) directory; the live certificate stays",
+    )
+    collect = commands.add_parser(
+        "gc", help="retention and garbage collection now, through the running agent"
+    )
+    collect.add_argument(
+        "--dry-run", action="store_true", help="print what retention would remove; change nothing"
     )
     user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd or token)")
     user_commands = user.add_subparsers(dest="user_command", required=True)
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ask_agent(args)
     if args.command == "user":
         return _user(args)
+    if args.command == "gc":
+        return _gc(args)
     settings = _settings_or_exit()
     if isinstance(settings, int):
         return settings
@@ -179,6 +187,31 @@ def _ask_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    """Waits for the whole run: the read-only window is bounded by GC_TIMEOUT."""
+    from .control import request
+
+    try:
+        answer = request(_control_socket(), "gc", timeout=24 * 3600, dry_run=args.dry_run)
+    except OSError as error:
+        print(f"acme-registry: the agent does not answer: {error}", file=sys.stderr)
+        return 1
+    if args.dry_run and answer.get("lines"):
+        print("\n".join(answer["lines"]))
+        return 0
+    if not answer.get("ok"):
+        print(f"acme-registry: garbage collection failed: {answer.get('error')}", file=sys.stderr)
+        return 1
+    print(
+        f"{answer.get('tags_removed')} tag(s) removed, {answer.get('manifests_deleted')} "
+        f"manifest(s) deleted, {answer.get('freed_bytes')} byte(s) freed, read-only for "
+        f"{answer.get('readonly_seconds')} s"
+    )
+    for kept in answer.get("tags_kept") or []:
+        print(f"kept: {kept}")
+    return 0
+
+
 def _control_socket() -> Path:
     data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
     return data_dir / "run" / "agent.sock"
@@ -280,4 +313,19 @@ def _format_status(answer: dict[str, Any]) -> str:
             f"backoff:     {backoff['failures']} failure(s) in a row",
             f"next try:    {backoff.get('next_attempt')}",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_gc_status(answer.get("gc")))
+
+
+def _format_gc_status(gc: dict[str, Any] | None) -> list[str]:
+    if not gc:
+        return []
+    lines = [f"gc:          {gc.get('schedule')}, next run {gc.get('next_run') or 'none'}"]
+    last = gc.get("last_run")
+    if last:
+        lines.append(
+            f"last gc:     {last.get('started')} {last.get('result')}: "
+            f"{last.get('tags_removed')} tag(s) removed, {last.get('freed_bytes')} byte(s) freed"
+        )
+        if last.get("error"):
+            lines.append(f"gc error:    {last['error']}")
+    return lines

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from .auth import Credential, UsersFormatError, load_env_users
 
 if TYPE_CHECKING:
+    from .gcconfig import GcSettings
     from .tokenconfig import TokenSettings
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,13 @@ KNOWN_VARIABLES = (
 # Registry settings the agent owns, as the registry's environment names them (it splits
 # names on "_" and matches case-insensitively). The registry lets its environment win
 # over its config file, so an operator value here would silently replace ours.
-OWNED_REGISTRY_PREFIXES = ("REGISTRY_HTTP_TLS", "REGISTRY_HTTP_SECRET", "REGISTRY_HTTP_DEBUG")
+OWNED_REGISTRY_PREFIXES = (
+    "REGISTRY_HTTP_TLS",
+    "REGISTRY_HTTP_SECRET",
+    "REGISTRY_HTTP_DEBUG",
+    # The read-only switch of a garbage collection lives in this section.
+    "REGISTRY_STORAGE_MAINTENANCE",
+)
 # Whole-section overrides that would replace the owned settings along with everything else.
 OWNED_REGISTRY_SECTIONS = ("REGISTRY_HTTP",)
 # Variables of ours that share the registry's prefix and are not passed to it.
@@ -150,6 +157,8 @@ class Settings:
     ari_max_recheck: dt.timedelta = dt.timedelta(hours=12)
     # AUTH_MODE=token only: the token service and the registry's auth.token.
     token: TokenSettings | None = None
+    # Retention, the collection schedule and its timeout (RETENTION_*, GC_*).
+    gc: GcSettings = field(default_factory=lambda: _default_gc_settings())
 
     @property
     def directory_id(self) -> str:
@@ -199,6 +208,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if admin_addr.port in (registry_addr.port, http_port):
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
     token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
+    gc_settings = _gc_settings(env, registry_env, auth_mode)
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),
@@ -237,6 +247,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
         token=token,
+        gc=gc_settings,
     )
 
 
@@ -576,3 +587,38 @@ def _registry_env(env: Mapping[str, str], cert_dir: Path, owns_auth: bool) -> di
             raise ConfigError(name, f"the agent owns {setting}; unset this variable")
         passed[name] = value
     return passed
+
+
+def _default_gc_settings() -> GcSettings:
+    # gcconfig imports this module (ConfigError), so it is imported when first needed.
+    from .gcconfig import load_gc_settings
+
+    return load_gc_settings({})
+
+
+def _gc_settings(
+    env: Mapping[str, str], registry_env: Mapping[str, str], auth_mode: str
+) -> GcSettings:
+    """RETENTION_*/GC_* (unknown names refused by gcconfig), checked against the storage."""
+    from .gcconfig import load_gc_settings
+
+    settings = load_gc_settings(env)
+    if not settings.retention.enabled:
+        return settings
+    keep = "RETENTION_KEEP_LAST" if settings.retention.keep_last else "RETENTION_KEEP_DAYS"
+    if auth_mode == "token":
+        # Retention deletes through the registry's API with basic credentials of an internal
+        # user; in token mode the registry accepts only bearer tokens.
+        raise ConfigError(keep, "retention does not work with AUTH_MODE=token yet")
+    upper = {name.upper(): value.strip() for name, value in registry_env.items()}
+    driver = upper.get("REGISTRY_STORAGE", "filesystem").lower() or "filesystem"
+    if driver != "filesystem":
+        # Retention reads the storage tree directly; only the filesystem one exists so far.
+        raise ConfigError(
+            keep, f"retention needs filesystem storage for now (REGISTRY_STORAGE={driver})"
+        )
+    if upper.get("REGISTRY_STORAGE_DELETE_ENABLED", "true").lower() in ("false", "0", "no", "off"):
+        raise ConfigError(
+            "REGISTRY_STORAGE_DELETE_ENABLED", f"is false, so {keep} could never delete a tag"
+        )
+    return settings

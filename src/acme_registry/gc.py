@@ -20,12 +20,14 @@ A run has three phases, each usable on its own:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +57,9 @@ MANIFEST_ACCEPT = ", ".join(
 )
 _VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 _OUTPUT_TAIL = 2000
+# Running garbage-collect processes (each in its own session), for stop_running().
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
 
 
 class GcError(RuntimeError):
@@ -297,6 +302,8 @@ def garbage_collect(
             env=dict(env),
             start_new_session=True,
         )
+        with _running_lock:
+            _running.add(proc)
         try:
             proc.wait(timeout=max(timeout, 0.001))
         except subprocess.TimeoutExpired:
@@ -305,12 +312,26 @@ def garbage_collect(
             raise GcTimeout(
                 f"garbage-collect stopped after the {timeout:.0f} s GC_TIMEOUT"
             ) from None
+        finally:
+            with _running_lock:
+                _running.discard(proc)
         output.seek(max(0, output.seek(0, os.SEEK_END) - _OUTPUT_TAIL))
         tail = output.read().decode(errors="replace")
     if proc.returncode != 0:
         last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
         raise GcError(f"garbage-collect exited with {proc.returncode}: {last}")
     return time.monotonic() - started, tail
+
+
+def stop_running() -> None:
+    """Kill every garbage-collect still running (the agent is stopping): its own session
+    would outlive the agent otherwise. A sweep stopped half-way leaves the rest for later."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def collect(
@@ -331,7 +352,15 @@ def collect(
         # Read-only now: nothing changes until leave_readonly(), so what nothing references
         # at this moment is exactly what the sweep deletes.
         freed = take_snapshot(tree).unreferenced_bytes()
-        seconds, tail = garbage_collect(binary, config, env, deadline - time.monotonic())
+        try:
+            seconds, tail = garbage_collect(binary, config, env, deadline - time.monotonic())
+        except GcTimeout:
+            # The window counts from its start (the switch to read-only included), so name
+            # the setting's value, not what was left of it for garbage-collect.
+            raise GcTimeout(
+                f"garbage-collect stopped: the read-only window reached the "
+                f"{timeout.total_seconds():.0f} s GC_TIMEOUT"
+            ) from None
     finally:
         leave_readonly()
     return CollectResult(freed, seconds, time.monotonic() - window_start, tail)
