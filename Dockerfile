@@ -27,11 +27,13 @@ RUN printf '%s\n' \
         cffi==2.1.1 \
         charset-normalizer==3.5.3 \
         cryptography==50.0.2 \
+        dnspython==2.9.2 \
         idna==3.20 \
         josepy==2.2.0 \
         prometheus-client==0.26.0 \
         pycparser==3.12 \
         pyOpenSSL==26.4.0 \
+        PyYAML==6.0.4 \
         pyRFC3339==2.1.1 \
         requests==2.34.2 \
         supervisor==4.3.0 \
@@ -80,8 +82,9 @@ RUN groupadd --system --gid 10001 acme \
  && /bin/registry --version
 USER 10001:10001
 VOLUME ["/data", "/certs", "/var/lib/registry"]
-# 80: HTTP-01 challenges and the redirect to https; 443: the registry.
-EXPOSE 80 443
+# 80: HTTP-01 challenges and the redirect to https; 443: the registry; 5001: the token
+# service (AUTH_MODE=token only).
+EXPOSE 80 443 5001
 # Liveness only: "health" answers while the agent runs, also before the first certificate
 # (readiness is `acme-registry health --ready`). start-period covers a first issuance.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import datapath, machine, renewals, report, startup
+from bench import datapath, machine, port80, renewals, report, rotation, startup
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
@@ -61,8 +61,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal"),
+        choices=("startup", "data", "renewal", "port80", "rotation_paths"),
         help="run only these parts (repeatable); default all",
+    )
+    parser.add_argument(
+        "--rotation-binary",
+        action="append",
+        default=[],
+        help="registry binaries for the rotation-paths part (default: Debian's 2.8 and the "
+        "3.x stand-in; add a 3.x binary to measure the real one)",
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -86,7 +93,7 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal"]
+    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths"]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -132,6 +139,21 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     )
                     time.sleep(2)
                     attempt("memory_after", lambda: datapath.idle_memory(fleet))
+        if "port80" in parts:
+            _log("port 80: idle half-request connections held, against the base commit")
+            attempt("port80", lambda: port80.run(workdir / "port80", _log))
+        if "rotation_paths" in parts:
+            binaries = [Path(p) for p in args.rotation_binary] or rotation.DEFAULT_PATH_BINARIES
+            _log(f"rotation paths: {args.renewals} renewals per binary under tight loops")
+            attempt(
+                "rotation_paths",
+                lambda: [
+                    rotation.path_bench(
+                        workdir / f"paths-{i}", binary, args.renewals, args.renew_interval
+                    ).result()
+                    for i, binary in enumerate(binaries)
+                ],
+            )
     except Exception as exc:  # setting up the shared paths failed: report what there is
         _log(f"setup: FAILED\n{traceback.format_exc()}")
         results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])

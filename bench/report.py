@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import notes
+from bench import notes, port80
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -892,6 +892,51 @@ def _memory(results: dict[str, Any], charts: dict[str, Path]) -> str:
     return "\n".join(text)
 
 
+def _port80(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    return "\n".join(
+        [
+            "Idle connections that sent half a request line are held open against the "
+            "product's port 80 (`bench/port80.py`, one client process, no bandwidth), then "
+            "challenge GETs (200) and plain GETs (301) are timed; the agent's memory is every "
+            "process of `acme-registry run` but the registry. The base commit's "
+            "thread-per-connection responder (capped at 256 connections) runs the same "
+            "scenario beside it as today's baseline.",
+            "",
+            port80.table(results["port80"]),
+        ]
+    )
+
+
+def _paths(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    rows = [
+        (
+            run["path"],
+            run["version"],
+            str(run["rotations"]),
+            str(run["requests"]),
+            str(run["refused"]),
+            str(run["unanswered"]),
+            str(run["failed"]),
+        )
+        for run in results["rotation_paths"]
+    ]
+    header = ("path", "registry", "renewals", "requests", "refused", "unanswered", "failed")
+    return "\n".join(
+        [
+            "`acme-registry renew` under 4 tight client loops (a new TLS connection per "
+            "manifest GET, no pause; `bench.rotation.path_bench`). *Refused*: connects "
+            "refused; *unanswered*: connections accepted, then closed with no response byte; "
+            "each retried once after 5 ms; *failed*: still failed after that retry. The FIFO "
+            "path is today's (and still 2.x's); socket activation is what the image's default "
+            "`registry:3` takes (here measured on the 3.x stand-in, "
+            "`tests/support/standin_registry.py`, unless a real 3.x binary was given with "
+            "`--rotation-binary`).",
+            "",
+            table(header, rows, "llrrrrr"),
+        ]
+    )
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -916,6 +961,8 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("data", "3. Data path: blob GET, CPU, skopeo", _data),
         ("renewal", "4. Renewal under load", _renewal),
         ("memory_idle", "5. Memory and image", _memory),
+        ("port80", "6. Port 80 under idle connections", _port80),
+        ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
     ]
     for key, title, section in sections:
         if key in results:

@@ -350,6 +350,10 @@ def product_bench(
         pebble.stop()
 
 
+# Debian's 2.8 takes the FIFO path (today's only path); the stand-in takes socket activation.
+DEFAULT_PATH_BINARIES = [Path(REGISTRY_BINARY), STANDIN]
+
+
 @dataclass
 class PathRun:
     """One rotation path measured through the product."""
@@ -527,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = args.method or list(METHODS)
     if args.paths:
         path_runs = []
-        for binary in args.binary or [Path(REGISTRY_BINARY), STANDIN]:
+        for binary in args.binary or DEFAULT_PATH_BINARIES:
             with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
                 path_runs.append(path_bench(Path(tmp), binary, args.rotations, args.interval))
         print(paths_table(path_runs))

@@ -85,6 +85,16 @@ def _timestamp(value: dt.datetime | float) -> float:
     return value.timestamp() if isinstance(value, dt.datetime) else float(value)
 
 
+# tokenservice's REASON_* values, listed here so that every series exists from the start.
+AUTH_FAILURE_REASONS = (
+    "invalid_credentials",
+    "invalid_refresh_token",
+    "throttled",
+    "busy",
+    "bad_request",
+)
+
+
 class Metrics:
     """The agent's metrics in a registry of their own (never the library's global one)."""
 
@@ -144,6 +154,20 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        # Token mode (AUTH_MODE=token): the token service's logins.
+        self.auth_failures = Counter(
+            "acme_registry_auth_failures_total",
+            "Token requests refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason=reason)
+        self.tokens_issued = Counter(
+            "acme_registry_tokens_issued_total",
+            "Tokens the token service issued (logins, refreshes, anonymous).",
+            registry=r,
+        )
 
     def set_certificate(
         self,
@@ -173,6 +197,13 @@ class Metrics:
 
     def failure(self, reason: str) -> None:
         self.failures.labels(reason=reason if reason in FAILURE_REASONS else "other").inc()
+
+    def auth_failure(self, reason: str) -> None:
+        label = reason if reason in AUTH_FAILURE_REASONS else "other"
+        self.auth_failures.labels(reason=label).inc()
+
+    def token_issued(self) -> None:
+        self.tokens_issued.inc()
 
     def registry_started(self) -> None:
         self.generation_starts.inc()

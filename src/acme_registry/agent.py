@@ -16,7 +16,7 @@ import threading
 import xmlrpc.client
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import statekeys
 from .admin import AdminServer, Metrics
@@ -26,6 +26,8 @@ from .certstore import CertificatePair, client_hostname
 from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer, Handler
+from .gcrunner import GcRunner, internal_user
+from .gcrunner import answer as gc_answer
 from .outcome import IssuanceResult
 from .registry import (
     RegistryGenerations,
@@ -39,6 +41,9 @@ from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
 from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
 from .storage import FileStorage, ensure_private_dir
+
+if TYPE_CHECKING:
+    from .tokenmode import TokenMode
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,26 @@ class Agent:
             UserStore(
                 self.storage, settings.data_dir / statekeys.HTPASSWD_FILE, settings.auth_users
             )
-            if settings.auth_mode == "htpasswd"
+            if settings.auth_mode in ("htpasswd", "token")
             else None
         )
+        # Made in start(): it writes its keyring into DATA_DIR.
+        self.token: TokenMode | None = None
         self.metrics = Metrics()
+        # Rotations and a collection's read-only window both switch generations: one at a time.
+        self._registry_lock = threading.Lock()
+        self._gc_user = internal_user() if settings.gc.retention.enabled else None
+        self.gc = GcRunner(
+            settings,
+            self.storage,
+            self.generations,
+            self._registry_lock,
+            self.metrics.registry,
+            (self._gc_user[0], self._gc_user[1].secret)
+            if self._gc_user and self.users is not None
+            else None,
+            self.metrics.registry_started,
+        )
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve
         )
@@ -78,9 +99,11 @@ class Agent:
             "ready": self._ready,
             "status": self._status,
             "renew": self._renew,
+            "gc": self._gc,
         }
         if self.users is not None:
-            handlers.update(user_handlers(self.users))
+            describe = self._describe_grants if settings.token is not None else None
+            handlers.update(user_handlers(self.users, describe))
         self.control = ControlServer(settings.control_socket, handlers)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -100,21 +123,38 @@ class Agent:
             # The htpasswd file must exist before any registry starts: without it the
             # registry invents a user and logs its password.
             message = self.users.ensure_initial_admin()
+            if self._gc_user is not None:
+                # After the initial admin check, which must not count it as a user.
+                self.users.env_users[self._gc_user[0]] = self._gc_user[1]
             self.users.sync_htpasswd()
             if message:
                 log.warning("%s", message)
             auth = registry_auth_config(self.users.htpasswd_path, "acme-registry")
         else:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
-        self.generations.configure(
-            render_config(
-                self.settings,
-                http_secret(self.storage),
-                self.source.store.tls_file,
-                self.settings.registry_env,
-                auth,
+        extra: dict[str, Any] = {}
+        if self.settings.token is not None and self.users is not None:
+            # Here, not at the top: outside token mode the agent never loads cryptography.
+            from .tokenmode import TokenMode
+
+            self.token = TokenMode(
+                self.settings.token, self.settings.data_dir, self.users, self.metrics, utcnow()
             )
+            extra = self.token.registry_config(utcnow())
+            auth = extra["auth"]
+        config = render_config(
+            self.settings,
+            http_secret(self.storage),
+            self.source.store.tls_file,
+            self.settings.registry_env,
+            auth,
         )
+        if "storage" in config and "storage" in extra:
+            # Without a storage section the environment configures it, and the launcher
+            # passes REGISTRY_STORAGE_DELETE_ENABLED instead.
+            config["storage"].update(extra["storage"])
+        self.generations.configure(config)
+        self.gc.start(utcnow())
         if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
             self.responder.start()
         self.control.start()
@@ -136,21 +176,39 @@ class Agent:
         while not self._stopping.is_set():
             renewals = self._take_renewals()
             try:
+                if self.token is not None:
+                    self.token.maintain(utcnow(), self._rotate_for_token_keys)
                 wait = self.source.maintain(utcnow(), renewals)
+                if self.token is not None and self.token.failed_to_listen:
+                    wait = min(wait, RETRY)
             except (OSError, xmlrpc.client.Error) as error:
                 if self._stopping.is_set():
                     break  # supervisord is shutting down around us
                 log.error("maintenance step failed: %s; trying again in %d s", error, RETRY)
                 wait = RETRY
+            wait = min(wait, self._maintain_gc())
             self._wake.wait(timeout=wait)
             self._wake.clear()
         for renewal in self._take_renewals():
             renewal.cancel()
 
+    def _maintain_gc(self) -> float:
+        """A scheduled collection when due; seconds until the next one (inf when off)."""
+        try:
+            if self.generations.current() is not None:
+                self.gc.run_if_due(utcnow())
+        except (OSError, xmlrpc.client.Error) as error:
+            log.error("scheduled garbage collection failed: %s", error)
+        due = self.gc.seconds_until_due(utcnow())
+        return float("inf") if due is None else due
+
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self.gc.stop()
         self.admin.stop()
+        if self.token is not None:
+            self.token.stop()
         self.control.stop()
         self.responder.stop()
         log.info("agent stopped")
@@ -175,15 +233,43 @@ class Agent:
             log.info("starting the registry with %s", pair.describe())
             self.generations.ensure_running()
             self.metrics.registry_started()
+            self._token_follows()
             return
         served = self._probe(request=False).fingerprint
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             # With a shared socket the old generation stops only once the new pair is served.
-            self.generations.rotate(
-                serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
-            )
+            with self._registry_lock:  # never inside a collection's read-only window
+                self.generations.rotate(
+                    serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
+                )
             self.metrics.registry_started()
+            self._token_follows()
+        elif self.token is not None and self.token.server is None:
+            self._token_follows()  # an earlier start of the token service failed
+
+    def _token_follows(self) -> None:
+        """The token service serves the certificate the registry now serves."""
+        if self.token is None:
+            return
+        try:
+            self.token.serve(self.source.store.tls_file)
+        except (OSError, ValueError) as error:
+            # The launcher checked TOKEN_ADDR, so this is a port taken since: the registry
+            # keeps serving, and the next loop step tries again.
+            log.error("token service unavailable: %s", error)
+
+    def _rotate_for_token_keys(self) -> bool:
+        """A generation that reads the new token bundle (same TLS certificate); False when
+        none runs yet (the first one, started later, reads it)."""
+        if self.generations.current() is None:
+            return False
+        self.generations.rotate()
+        self.metrics.registry_started()
+        return True
+
+    def _describe_grants(self, name: str) -> str:
+        return self.token.describe_grants(name) if self.token is not None else "everything"
 
     def _probe(self, request: bool = True) -> RegistryProbe:
         return probe_registry(
@@ -231,6 +317,12 @@ class Agent:
             return {"ok": False, "error": f"the renewal did not finish: {error}"}
         return result.answer()
 
+    def _gc(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.generations.current() is None:
+            return {"ok": False, "error": "the registry does not run yet"}
+        report = self.gc.run(dry_run=bool(request.get("dry_run")))
+        return gc_answer(report, self.gc.tag_delete)
+
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()
         pair, problem = self.source.current(now)
@@ -243,6 +335,7 @@ class Agent:
             "problem": problem,
             "next_check": state["next_check"],
             "backoff": state["backoff"],
+            "gc": self.gc.status(),
         }
         if "dns_persist_problem" in state:
             answer["dns_persist_problem"] = state["dns_persist_problem"]

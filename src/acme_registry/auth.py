@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 # times that at 12. 10 keeps pushes fast while still costing a guesser ~50 ms per try.
 DEFAULT_COST = 10
 MIN_COST = 4  # the lowest golang.org/x/crypto/bcrypt accepts
+# Passwords the agent generates have 192 bits of entropy (generate_password): guessing them
+# is infeasible at any cost, so they get the cheapest hash and the registry answers ~45x
+# faster for them. Passwords a person chose keep DEFAULT_COST.
+GENERATED_COST = MIN_COST
 MAX_COST = 31
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores the rest; the bcrypt package refuses longer ones
 INITIAL_ADMIN = "admin"
@@ -250,6 +254,38 @@ def registry_auth_config(htpasswd_path: Path, realm: str) -> dict[str, Any]:
 class _State:
     users: dict[str, str] = field(default_factory=dict)
     initial_admin: bool = False
+    # Token mode's run-time grants, as stored: name -> {"pull": [...], "push": [...],
+    # "delete": [...], "catalog": bool}; validated with policy.make_grants when read.
+    grants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+GRANT_ACTIONS = ("pull", "push", "delete")
+
+
+def grants_record(
+    pull: list[str], push: list[str], delete: list[str], catalog: bool
+) -> dict[str, Any]:
+    """How run-time grants are stored (and sent on the control socket)."""
+    return {"pull": list(pull), "push": list(push), "delete": list(delete), "catalog": catalog}
+
+
+def _grants_problem(record: Any) -> str | None:
+    """Why ``record`` is not stored grants (names the flag), or None."""
+    from .policy import PolicyError, make_grants
+
+    if not isinstance(record, dict) or set(record) - {*GRANT_ACTIONS, "catalog"}:
+        return "grants are {pull, push, delete: [patterns], catalog: bool}"
+    lists = {a: record.get(a, []) for a in GRANT_ACTIONS}
+    if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists.values()):
+        return "grants are {pull, push, delete: [patterns], catalog: bool}"
+    if not isinstance(record.get("catalog", False), bool):
+        return "catalog is true or false"
+    try:
+        for action, patterns in lists.items():
+            make_grants(**{action: patterns}, source=f"--{action}")
+    except PolicyError as error:
+        return str(error)
+    return None
 
 
 class UserStore:
@@ -279,15 +315,21 @@ class UserStore:
         # Hashes of the environment's plain passwords, made or verified once per process:
         # a new salt on every sync would rewrite the file (and reload the registry) each time.
         self._env_hashes: dict[str, str] = {}
+        self._state_cache: tuple[bytes | None, _State] | None = None
 
     # -- operations --------------------------------------------------------------------------
 
-    def add(self, name: str, password: str) -> bool:
-        """Add a run-time user or replace its password; True when the user is new."""
+    def add(self, name: str, password: str, *, generated: bool = False) -> bool:
+        """Add a run-time user or replace its password; True when the user is new.
+
+        ``generated``: the password came from :func:`generate_password` (hashed at
+        :data:`GENERATED_COST`); only :meth:`add_generated` passes it.
+        """
         if not valid_name(name):
             raise AuthError("a user name is 1-64 of A-Z a-z 0-9 . _ - characters")
         self._refuse_env_user(name, "change its password there")
-        hashed = hash_password(password, self.cost)  # outside the lock: it takes a while
+        cost = GENERATED_COST if generated else self.cost
+        hashed = hash_password(password, cost)  # outside the lock: it takes a while
         with self._locked():
             state = self._load()
             created = name not in state.users
@@ -299,6 +341,69 @@ class UserStore:
         log.info("user %s %s", name, "added" if created else "given a new password")
         return created
 
+    def add_generated(self, name: str) -> tuple[bool, str]:
+        """Add a user or reset its password to a generated one: (created, the password).
+
+        The password is generated here, not by the caller, so a cost-4 hash is only ever
+        given to a password known to have 192 bits of entropy.
+        """
+        password = generate_password()
+        return self.add(name, password, generated=True), password
+
+    def set_grants(self, name: str, record: dict[str, Any]) -> None:
+        """Replace ``name``'s run-time grants (token mode); ``record`` as :func:`grants_record`.
+
+        Environment users may have run-time grants too: grants are not their password.
+        """
+        problem = _grants_problem(record)
+        if problem:
+            raise AuthError(problem)
+        with self._locked():
+            state = self._load()
+            if name not in state.users and name not in self.env_users:
+                raise AuthError(f"no user {name!r}")
+            state.grants[name] = grants_record(
+                record.get("pull", []),
+                record.get("push", []),
+                record.get("delete", []),
+                record.get("catalog", False),
+            )
+            self._save(state)
+        log.info("user %s given run-time grants", name)
+
+    def runtime_grants(self) -> dict[str, Any]:
+        """name -> :class:`~.policy.Grants` set at run time; a cheap read, for every login."""
+        from .policy import make_grants
+
+        state = self._cached_state()
+        return {
+            name: make_grants(
+                pull=g.get("pull", []),
+                push=g.get("push", []),
+                delete=g.get("delete", []),
+                catalog=bool(g.get("catalog")),
+            )
+            for name, g in state.grants.items()
+        }
+
+    def password_hash(self, name: str) -> str | None:
+        """``name``'s current bcrypt hash, or None for no such user; for the token service.
+
+        Called at every login: the environment's plain passwords are hashed once per
+        process (by :meth:`sync_htpasswd`, which the agent runs at start), the run-time
+        users are a read of the stored file, never a bcrypt.
+        """
+        credential = self.env_users.get(name)
+        if credential is not None:
+            if credential.hashed:
+                return credential.secret
+            cached = self._env_hashes.get(name)
+            if cached is not None:
+                return cached
+            with self._locked():
+                return self._env_hash(name, credential, {})
+        return self._cached_state().users.get(name)
+
     def remove(self, name: str) -> None:
         self._refuse_env_user(name, "remove it there and restart")
         with self._locked():
@@ -306,6 +411,7 @@ class UserStore:
             if name not in state.users:
                 raise AuthError(f"no user {name!r}")
             del state.users[name]
+            state.grants.pop(name, None)
             self._save(state)
             if name == INITIAL_ADMIN:
                 self._forget_initial_password()
@@ -356,7 +462,8 @@ class UserStore:
             if password is None:
                 password = generate_password()
                 self.storage.store(statekeys.INITIAL_ADMIN_PASSWORD, password.encode() + b"\n")
-            state.users[INITIAL_ADMIN] = hash_password(password, self.cost)
+            # Generated (or, after a crash, a file only this method writes): GENERATED_COST.
+            state.users[INITIAL_ADMIN] = hash_password(password, GENERATED_COST)
             state.initial_admin = True
             self._save(state)
             self._sync()
@@ -380,9 +487,22 @@ class UserStore:
         with self.storage.lock(statekeys.USERS_LOCK):
             yield
 
-    def _load(self) -> _State:
-        where = self.storage.where(statekeys.USERS)
+    def _cached_state(self) -> _State:
+        """The stored state, parsed again only when its bytes changed (no lock: writes
+        replace the file whole)."""
         raw = self.storage.load_bytes(statekeys.USERS)
+        cached = self._state_cache
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        state = self._parse(raw)
+        self._state_cache = (raw, state)
+        return state
+
+    def _load(self) -> _State:
+        return self._parse(self.storage.load_bytes(statekeys.USERS))
+
+    def _parse(self, raw: bytes | None) -> _State:
+        where = self.storage.where(statekeys.USERS)
         if raw is None:
             return _State()
         try:
@@ -396,10 +516,19 @@ class UserStore:
         ):
             # Refuse rather than drop users: a silently emptied store would lock people out.
             raise AuthError(f"{where} has an unexpected layout; restore it from a backup")
-        return _State(users=dict(users), initial_admin=bool(data.get("initial_admin")))
+        grants = data.get("grants", {})
+        if not isinstance(grants, dict) or not all(
+            isinstance(k, str) and _grants_problem(v) is None for k, v in grants.items()
+        ):
+            raise AuthError(f"{where} has unexpected grants; restore it from a backup")
+        return _State(
+            users=dict(users), initial_admin=bool(data.get("initial_admin")), grants=grants
+        )
 
     def _save(self, state: _State) -> None:
         data: dict[str, Any] = {"version": 1, "users": dict(sorted(state.users.items()))}
+        if state.grants:
+            data["grants"] = dict(sorted(state.grants.items()))
         if state.initial_admin:
             data["initial_admin"] = True
         self.storage.store_json(statekeys.USERS, data)
@@ -462,12 +591,21 @@ class UserStore:
 ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
+def control_handlers(
+    store: UserStore, describe_grants: Callable[[str], str] | None = None
+) -> dict[str, ControlHandler]:
     """``user-add``, ``user-remove`` and ``user-list`` for :class:`~.control.ControlServer`.
 
-    Requests: ``{"command": "user-add", "name": N, "password": P}``, ``{"command":
-    "user-remove", "name": N}``, ``{"command": "user-list"}``. Answers are ``{"ok": true,
-    ...}`` or ``{"ok": false, "error": ...}``; none contains a password or a hash.
+    Requests: ``{"command": "user-add", "name": N, "password": P}`` (or ``"generate": true``
+    instead of a password: the agent generates one and answers it as ``"password"``, the
+    only answer holding one, for the CLI to show once), ``{"command": "user-remove", "name":
+    N}``, ``{"command": "user-list"}``. Answers are ``{"ok": true, ...}`` or ``{"ok": false,
+    "error": ...}``; no other answer contains a password, and none a hash.
+
+    Token mode (``describe_grants`` given: a user's effective grants as one line):
+    ``user-add`` may carry ``"grants"`` (:func:`grants_record`), which replace that user's
+    run-time grants; without it they are kept. ``user-list`` answers ``"grants"``: name ->
+    that line.
     """
 
     def answer(action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -478,9 +616,29 @@ def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
 
     def add(request: dict[str, Any]) -> dict[str, Any]:
         name, password = request.get("name"), request.get("password")
-        if not isinstance(name, str) or not isinstance(password, str):
+        generate = password is None and request.get("generate") is True
+        if not isinstance(name, str) or not (generate or isinstance(password, str)):
             return {"ok": False, "error": "user-add needs a name and a password"}
-        return answer(lambda: {"created": store.add(name, password)})
+        grants = request.get("grants")
+
+        def add_user() -> dict[str, Any]:
+            # Grants checked before the password changes: a bad flag changes nothing.
+            if grants is not None:
+                if describe_grants is None:
+                    raise AuthError("grants are only used with AUTH_MODE=token")
+                problem = _grants_problem(grants)
+                if problem:
+                    raise AuthError(problem)
+            result: dict[str, Any] = {}
+            if generate:
+                result["created"], result["password"] = store.add_generated(name)
+            else:
+                result["created"] = store.add(name, str(password))
+            if grants is not None:
+                store.set_grants(name, grants)
+            return result
+
+        return answer(add_user)
 
     def remove(request: dict[str, Any]) -> dict[str, Any]:
         name = request.get("name")
@@ -494,6 +652,12 @@ def control_handlers(store: UserStore) -> dict[str, ControlHandler]:
         return answer(action)
 
     def list_users(request: dict[str, Any]) -> dict[str, Any]:
-        return answer(lambda: {"users": store.list()})
+        def listing() -> dict[str, Any]:
+            users = store.list()
+            if describe_grants is None:
+                return {"users": users}
+            return {"users": users, "grants": {name: describe_grants(name) for name in users}}
+
+        return answer(listing)
 
     return {"user-add": add, "user-remove": remove, "user-list": list_users}

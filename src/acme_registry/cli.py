@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{run,check,health,status,renew,user,dns-persist-record}",
+        metavar="{run,check,health,status,renew,gc,user,dns-persist-record}",
     )
     commands.add_parser("run", help="start supervisord, the agent and the registry")
     commands.add_parser("check", help="validate the configuration and exit (0 or 2)")
@@ -41,12 +41,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a full order against the staging (dry-run) directory; the live certificate stays",
     )
-    user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd)")
+    collect = commands.add_parser(
+        "gc", help="retention and garbage collection now, through the running agent"
+    )
+    collect.add_argument(
+        "--dry-run", action="store_true", help="print what retention would remove; change nothing"
+    )
+    user = commands.add_parser("user", help="registry users (AUTH_MODE=htpasswd or token)")
     user_commands = user.add_subparsers(dest="user_command", required=True)
     add = user_commands.add_parser(
         "add", help="add a user or set a password (read from stdin, or generated and printed)"
     )
     add.add_argument("name")
+    # Token mode's run-time grants; given any, they replace the user's earlier ones.
+    for action in ("pull", "push", "delete"):
+        add.add_argument(
+            f"--{action}",
+            action="append",
+            default=None,
+            metavar="PATTERN",
+            help=f"AUTH_MODE=token: may {action} repositories matching PATTERN (repeatable)",
+        )
+    add.add_argument(
+        "--catalog", action="store_true", help="AUTH_MODE=token: may list the repositories"
+    )
     remove = user_commands.add_parser("remove", help="remove a user added at run time")
     remove.add_argument("name")
     user_commands.add_parser("list", help="the users and where each comes from")
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ask_agent(args)
     if args.command == "user":
         return _user(args)
+    if args.command == "gc":
+        return _gc(args)
     settings = _settings_or_exit()
     if isinstance(settings, int):
         return settings
@@ -201,6 +221,31 @@ def _ask_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    """Waits for the whole run: the read-only window is bounded by GC_TIMEOUT."""
+    from .control import request
+
+    try:
+        answer = request(_control_socket(), "gc", timeout=24 * 3600, dry_run=args.dry_run)
+    except OSError as error:
+        print(f"acme-registry: the agent does not answer: {error}", file=sys.stderr)
+        return 1
+    if args.dry_run and answer.get("lines"):
+        print("\n".join(answer["lines"]))
+        return 0
+    if not answer.get("ok"):
+        print(f"acme-registry: garbage collection failed: {answer.get('error')}", file=sys.stderr)
+        return 1
+    print(
+        f"{answer.get('tags_removed')} tag(s) removed, {answer.get('manifests_deleted')} "
+        f"manifest(s) deleted, {answer.get('freed_bytes')} byte(s) freed, read-only for "
+        f"{answer.get('readonly_seconds')} s"
+    )
+    for kept in answer.get("tags_kept") or []:
+        print(f"kept: {kept}")
+    return 0
+
+
 def _control_socket() -> Path:
     data_dir = Path(os.environ.get("DATA_DIR", "").strip() or "/data")
     return data_dir / "run" / "agent.sock"
@@ -211,10 +256,13 @@ def _user(args: argparse.Namespace) -> int:
     from .control import request
 
     fields: dict[str, Any] = {}
-    generated = None
+    grants = _grant_flags(args) if args.user_command == "add" else None
+    if isinstance(grants, str):
+        print(f"acme-registry: {grants}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.user_command == "add":
         password: str | None
-        from .auth import generate_password, read_password
+        from .auth import read_password
 
         if sys.stdin.isatty():
             import getpass
@@ -225,9 +273,14 @@ def _user(args: argparse.Namespace) -> int:
                 return 1
         else:
             password = read_password(sys.stdin)
-        if not password:
-            password = generated = generate_password()
-        fields = {"name": args.name, "password": password}
+        # Without one the agent generates it, and hashes it at the cost for generated ones.
+        fields = (
+            {"name": args.name, "password": password}
+            if password
+            else {"name": args.name, "generate": True}
+        )
+        if grants is not None:
+            fields["grants"] = grants
     elif args.user_command == "remove":
         fields = {"name": args.name}
     try:
@@ -239,15 +292,37 @@ def _user(args: argparse.Namespace) -> int:
         print(f"acme-registry: {answer.get('error')}", file=sys.stderr)
         return 1
     if args.user_command == "list":
+        grants_of = answer.get("grants")
         for name, origin in sorted(answer.get("users", {}).items()):
-            print(f"{name}\t{origin}")
+            if grants_of is None:
+                print(f"{name}\t{origin}")
+            else:
+                print(f"{name}\t{origin}\t{grants_of.get(name, 'everything')}")
     elif args.user_command == "add":
         print(f"user {args.name} {'added' if answer.get('created') else 'updated'}")
+        generated = answer.get("password")
         if generated:
             print(f"password (shown once): {generated}")
     else:
         print(f"user {args.name} removed")
     return 0
+
+
+def _grant_flags(args: argparse.Namespace) -> dict[str, Any] | str | None:
+    """The grant flags of ``user add`` as stored (None: no flag, keep the user's grants),
+    or the one-line problem with a pattern."""
+    from .auth import grants_record
+    from .policy import PolicyError, make_grants
+
+    if not (args.pull or args.push or args.delete or args.catalog):
+        return None
+    try:
+        for action in ("pull", "push", "delete"):
+            patterns: dict[str, Any] = {action: getattr(args, action) or []}
+            make_grants(**patterns, source=f"--{action}")
+    except PolicyError as error:
+        return str(error)
+    return grants_record(args.pull or [], args.push or [], args.delete or [], args.catalog)
 
 
 def _format_status(answer: dict[str, Any]) -> str:
@@ -274,4 +349,19 @@ def _format_status(answer: dict[str, Any]) -> str:
             f"backoff:     {backoff['failures']} failure(s) in a row",
             f"next try:    {backoff.get('next_attempt')}",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_gc_status(answer.get("gc")))
+
+
+def _format_gc_status(gc: dict[str, Any] | None) -> list[str]:
+    if not gc:
+        return []
+    lines = [f"gc:          {gc.get('schedule')}, next run {gc.get('next_run') or 'none'}"]
+    last = gc.get("last_run")
+    if last:
+        lines.append(
+            f"last gc:     {last.get('started')} {last.get('result')}: "
+            f"{last.get('tags_removed')} tag(s) removed, {last.get('freed_bytes')} byte(s) freed"
+        )
+        if last.get("error"):
+            lines.append(f"gc error:    {last['error']}")
+    return lines

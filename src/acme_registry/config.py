@@ -26,6 +26,8 @@ from .auth import Credential, UsersFormatError, load_env_users
 
 if TYPE_CHECKING:
     from .dnsconfig import DnsSettings
+    from .gcconfig import GcSettings
+    from .tokenconfig import TokenSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,9 @@ DIRECTORY_ALIASES = {"letsencrypt": LETSENCRYPT, "letsencrypt-staging": LETSENCR
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-AUTH_MODES = ("htpasswd", "none")
+AUTH_MODES = ("htpasswd", "none", "token")
+# Modes in which the agent writes the registry's auth section (REGISTRY_AUTH* refused).
+AGENT_AUTH_MODES = ("htpasswd", "token")
 SOCKET_ACTIVATION_MODES = ("auto", "on", "off")
 
 # The variables this program reads. Unknown ACME_* names are rejected so that a typo
@@ -67,12 +71,25 @@ KNOWN_VARIABLES = (
     "AUTH_USERS",
     "AUTH_USERS_FILE",
     "ADMIN_ADDR",
+    # Token mode's (tokenconfig.KNOWN_VARIABLES): listed here because tokenconfig imports us.
+    "TOKEN_ADDR",
+    "TOKEN_REALM",
+    "TOKEN_TTL",
+    "TOKEN_PROXY_PROTOCOL",
+    "AUTH_POLICY_FILE",
+    "AUTH_ANONYMOUS_PULL",
 )
 
 # Registry settings the agent owns, as the registry's environment names them (it splits
 # names on "_" and matches case-insensitively). The registry lets its environment win
 # over its config file, so an operator value here would silently replace ours.
-OWNED_REGISTRY_PREFIXES = ("REGISTRY_HTTP_TLS", "REGISTRY_HTTP_SECRET", "REGISTRY_HTTP_DEBUG")
+OWNED_REGISTRY_PREFIXES = (
+    "REGISTRY_HTTP_TLS",
+    "REGISTRY_HTTP_SECRET",
+    "REGISTRY_HTTP_DEBUG",
+    # The read-only switch of a garbage collection lives in this section.
+    "REGISTRY_STORAGE_MAINTENANCE",
+)
 # Whole-section overrides that would replace the owned settings along with everything else.
 OWNED_REGISTRY_SECTIONS = ("REGISTRY_HTTP",)
 # Variables of ours that share the registry's prefix and are not passed to it.
@@ -153,6 +170,11 @@ class Settings:
         """The IP addresses among the names (they are IP identifiers in the order)."""
         return tuple(name for name in self.domains if is_ip(name))
 
+    # AUTH_MODE=token only: the token service and the registry's auth.token.
+    token: TokenSettings | None = None
+    # Retention, the collection schedule and its timeout (RETENTION_*, GC_*).
+    gc: GcSettings = field(default_factory=lambda: _default_gc_settings())
+
     @property
     def directory_id(self) -> str:
         """A short stable name for the directory, for per-CA state on disk."""
@@ -195,12 +217,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     tls_key_file = _tls_file(env, "TLS_KEY_FILE", cert_dir / "domain.key", acme_enabled)
     auth_mode = _choice(env, "AUTH_MODE", AUTH_MODES, "htpasswd")
     auth_users = _auth_users(env, auth_mode)
-    registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode == "htpasswd")
+    registry_env = _registry_env(env, cert_dir, owns_auth=auth_mode in AGENT_AUTH_MODES)
     registry_addr = _listen_address("REGISTRY_HTTP_ADDR", env.get("REGISTRY_HTTP_ADDR", ":443"))
     http_port = _http_port(env.get("ACME_HTTP_PORT", "80"), dns.challenge)
     admin_addr = _listen_address("ADMIN_ADDR", env.get("ADMIN_ADDR", "127.0.0.1:9180"))
     if admin_addr.port in (registry_addr.port, http_port):
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
+    token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
+    gc_settings = _gc_settings(env, registry_env, auth_mode)
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),
@@ -239,7 +263,52 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             seconds=float(env.get("ACME_REGISTRY_ARI_MAX_RECHECK", "") or 12 * 3600)
         ),
         dns=dns,
+        token=token,
+        gc=gc_settings,
     )
+
+
+def _token_settings(
+    env: Mapping[str, str],
+    auth_mode: str,
+    domains: tuple[str, ...],
+    registry_addr: ListenAddress,
+    http_port: int,
+    admin_addr: ListenAddress,
+) -> TokenSettings | None:
+    """Token mode's settings, its policy file parsed once so that a bad one stops the start.
+
+    Outside token mode its variables are refused rather than ignored: an operator who set
+    AUTH_ANONYMOUS_PULL expects anonymous pulls, not a registry refusing them.
+    """
+    from . import tokenconfig
+    from .policy import PolicyError, parse_policy
+
+    tokenconfig.reject_unknown_token_variables(env)
+    if auth_mode != "token":
+        for name in tokenconfig.KNOWN_VARIABLES:
+            if env.get(name, "").strip():
+                raise ConfigError(name, "set, but only used with AUTH_MODE=token")
+        return None
+    taken = {
+        registry_addr.port: "the registry (REGISTRY_HTTP_ADDR)",
+        http_port: "ACME_HTTP_PORT",
+        admin_addr.port: "ADMIN_ADDR",
+    }
+    settings = tokenconfig.load_token_settings(env, domains, taken)
+    if settings.policy_file is not None:
+        path = settings.policy_file
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise ConfigError("AUTH_POLICY_FILE", f"cannot read {path} ({reason})") from None
+        try:
+            parse_policy(text, str(path))
+        except PolicyError as error:
+            # Already "FILE:LINE: problem", the file named as the setting is.
+            raise ConfigError("AUTH_POLICY_FILE", str(error)) from None
+    return settings
 
 
 def _dns_settings(env: Mapping[str, str]) -> DnsSettings:
@@ -561,10 +630,46 @@ def _registry_env(env: Mapping[str, str], cert_dir: Path, owns_auth: bool) -> di
         if owns_auth and upper.startswith("REGISTRY_AUTH"):
             raise ConfigError(
                 name,
-                "the agent owns auth while AUTH_MODE=htpasswd; unset it, or set AUTH_MODE=none",
+                "the agent owns auth while AUTH_MODE=htpasswd or token; unset it, or set "
+                "AUTH_MODE=none",
             )
         if upper in OWNED_REGISTRY_SECTIONS or upper.startswith(OWNED_REGISTRY_PREFIXES):
             setting = upper.removeprefix("REGISTRY_").lower().replace("_", ".")
             raise ConfigError(name, f"the agent owns {setting}; unset this variable")
         passed[name] = value
     return passed
+
+
+def _default_gc_settings() -> GcSettings:
+    # gcconfig imports this module (ConfigError), so it is imported when first needed.
+    from .gcconfig import load_gc_settings
+
+    return load_gc_settings({})
+
+
+def _gc_settings(
+    env: Mapping[str, str], registry_env: Mapping[str, str], auth_mode: str
+) -> GcSettings:
+    """RETENTION_*/GC_* (unknown names refused by gcconfig), checked against the storage."""
+    from .gcconfig import load_gc_settings
+
+    settings = load_gc_settings(env)
+    if not settings.retention.enabled:
+        return settings
+    keep = "RETENTION_KEEP_LAST" if settings.retention.keep_last else "RETENTION_KEEP_DAYS"
+    if auth_mode == "token":
+        # Retention deletes through the registry's API with basic credentials of an internal
+        # user; in token mode the registry accepts only bearer tokens.
+        raise ConfigError(keep, "retention does not work with AUTH_MODE=token yet")
+    upper = {name.upper(): value.strip() for name, value in registry_env.items()}
+    driver = upper.get("REGISTRY_STORAGE", "filesystem").lower() or "filesystem"
+    if driver != "filesystem":
+        # Retention reads the storage tree directly; only the filesystem one exists so far.
+        raise ConfigError(
+            keep, f"retention needs filesystem storage for now (REGISTRY_STORAGE={driver})"
+        )
+    if upper.get("REGISTRY_STORAGE_DELETE_ENABLED", "true").lower() in ("false", "0", "no", "off"):
+        raise ConfigError(
+            "REGISTRY_STORAGE_DELETE_ENABLED", f"is false, so {keep} could never delete a tag"
+        )
+    return settings

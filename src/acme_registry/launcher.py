@@ -74,6 +74,10 @@ def supervisord_environment(settings: Settings, socket_activation: bool) -> dict
         ACME_REGISTRY_HANDOFF=str(handoff_socket(settings)) if socket_activation else "",
         ACME_REGISTRY_PYTHON=sys.executable,
     )
+    if settings.auth_mode == "token" and any(n.upper().startswith("REGISTRY_STORAGE") for n in env):
+        # Storage configured through the environment replaces the config file's storage
+        # section, and with it the storage.delete.enabled that token mode's grants need.
+        env.setdefault("REGISTRY_STORAGE_DELETE_ENABLED", "true")
     # registry 3.x initialises OpenTelemetry from the environment and fails without this.
     env.setdefault("OTEL_TRACES_EXPORTER", "none")
     return env
@@ -144,6 +148,9 @@ def launch(settings: Settings) -> int:
         checks.append(check_writable("the registry's storage", Path(storage)))
     if settings.http_port:  # 0: ACME_HTTP_PORT=off
         checks.append(check_bindable("ACME_HTTP_PORT", "", settings.http_port))
+    if settings.token is not None:
+        token_addr = settings.token.addr
+        checks.append(check_bindable("TOKEN_ADDR", token_addr.host, token_addr.port))
     for problem in checks:
         if problem:
             print(f"acme-registry: {problem}", file=sys.stderr)

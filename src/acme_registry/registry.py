@@ -108,6 +108,9 @@ def render_config(
     # configures storage through the environment, the file must not name one too.
     if not any(name.upper().startswith("REGISTRY_STORAGE") for name in env):
         config["storage"] = {"filesystem": {"rootdirectory": "/var/lib/registry"}}
+    if settings.gc.retention.enabled:
+        # Retention deletes manifests through the API, which refuses them without this.
+        config.setdefault("storage", {})["delete"] = {"enabled": True}
     if auth is not None:
         config["auth"] = auth
     if settings.log_format == "json":
@@ -126,12 +129,6 @@ class Supervisor:
 
         transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
-
-    def state(self, name: str) -> str:
-        try:
-            return str(self._proxy().getProcessInfo(name)["statename"])
-        except xmlrpc.client.Fault as fault:
-            raise RuntimeError(f"supervisord: {fault.faultString}") from None
 
     def states(self, group: str) -> dict[str, str]:
         info = self._proxy().getAllProcessInfo()
@@ -177,6 +174,9 @@ class RegistryGenerations:
             count if count is not None else generation_count(supervisord_conf().read_text())
         )
         self.config = b""
+        self.config_dict: dict[str, Any] = {}
+        # Whether the serving generation was started read-only (a collection's window).
+        self.readonly = False
 
     @property
     def socket_activation(self) -> bool:
@@ -184,7 +184,8 @@ class RegistryGenerations:
 
     def configure(self, config: dict[str, Any]) -> None:
         """The registry configuration every generation started from now on reads."""
-        self.config = json.dumps(config, indent=2).encode() + b"\n"
+        self.config_dict = config
+        self.config = _config_bytes(config)
         for index in range(self.count):
             write_atomic(self.config_path(index), self.config, mode=0o600)
 
@@ -213,18 +214,54 @@ class RegistryGenerations:
         self.supervisor.start(self.name(index))
         return self.name(index)
 
-    def rotate(self, serving: Callable[[], bool] | None = None) -> str:
+    def readonly_config(self) -> bytes:
+        """The read-write config plus ``storage.maintenance.readonly``: pulls work, every
+        write (manifest PUT, blob upload, DELETE) is answered 405."""
+        return _config_bytes(readonly_config(self.config_dict))
+
+    def enter_readonly(self, serving: Callable[[], bool] | None = None) -> str:
+        """Rotate to a read-only generation, the usual way (pulls go on).
+
+        Only the handover carries the read-only config: the generation's file on disk is
+        the read-write one, so a supervisord restart (or the next start, after a crash of
+        the agent) serves read-write.
+        """
+        name = self.rotate(serving, handover=self.readonly_config())
+        self.readonly = True
+        return name
+
+    def leave_readonly(self, serving: Callable[[], bool] | None = None) -> str | None:
+        """Rotate to a fresh read-write generation (no in-memory cache remembers a swept
+        blob); idempotent: nothing to do when the serving one is read-write already."""
+        if not self.readonly:
+            return None
+        name = self.rotate(serving)
+        self.readonly = False
+        return name
+
+    def write_collection_config(self) -> Path:
+        """A regular copy of the read-only config for ``registry garbage-collect``."""
+        path = self.config_dir / "registry-gc.yml"
+        write_atomic(path, self.readonly_config(), mode=0o600)
+        return path
+
+    def rotate(
+        self, serving: Callable[[], bool] | None = None, handover: bytes | None = None
+    ) -> str:
         """Replace the serving generation with a new one; the new one loads the new pair.
 
         ``serving`` says whether the new generation serves yet (the agent asks whether the
         new certificate is served); it is only needed with socket activation, where the old
         generation keeps accepting from the same socket until it is told to stop.
+        ``handover`` is the config the new process starts from, when it is not the regular
+        one (the read-only window); the file left on disk is always the regular one.
         """
         current = self.current()
         if current is None:
             return self.ensure_running()
+        started_with = handover if handover is not None else self.config
         if self.socket_activation:
-            return self._rotate_on_shared_socket(current, serving)
+            return self._rotate_on_shared_socket(current, serving, started_with)
         index = self._free_slot()
         path = self.config_path(index)
         began = time.monotonic()
@@ -241,12 +278,12 @@ class RegistryGenerations:
             closed = time.monotonic()
             if writer is None:
                 # The new process never opened its config: restart it on a regular file.
-                write_atomic(path, self.config, mode=0o600)
+                write_atomic(path, started_with, mode=0o600)
                 self.supervisor.stop(self.name(index))
                 self.supervisor.start(self.name(index))
             else:
                 with os.fdopen(writer, "wb") as fifo:
-                    fifo.write(self.config)
+                    fifo.write(started_with)
         finally:
             write_atomic(path, self.config, mode=0o600)
         log.info(
@@ -261,12 +298,14 @@ class RegistryGenerations:
         )
         return self.name(index)
 
-    def _rotate_on_shared_socket(self, current: str, serving: Callable[[], bool] | None) -> str:
+    def _rotate_on_shared_socket(
+        self, current: str, serving: Callable[[], bool] | None, started_with: bytes
+    ) -> str:
         """Start the next generation on the shared socket; stop the current one once the
         next serves. Both accept from one queue meanwhile, so no connection is refused."""
         index = self._free_slot()
         name = self.name(index)
-        write_atomic(self.config_path(index), self.config, mode=0o600)
+        write_atomic(self.config_path(index), started_with, mode=0o600)
         began = time.monotonic()
         self.supervisor.start(name)
         probes = 0
@@ -286,6 +325,9 @@ class RegistryGenerations:
                 )
             time.sleep(0.005)
         ready = time.monotonic()
+        if started_with != self.config:
+            # It has read its config (it serves): a restart of it reads the regular one.
+            write_atomic(self.config_path(index), self.config, mode=0o600)
         self.supervisor.stop(current)
         log.info(
             "registry generation %s replaced %s on the shared socket: new process serving "
@@ -304,6 +346,19 @@ class RegistryGenerations:
             if states.get(self.name(index)) in GONE_STATES:
                 return index
         raise RuntimeError("every registry generation is still draining; try again later")
+
+
+def readonly_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``storage.maintenance.readonly.enabled: true`` (the rest kept)."""
+    copied = json.loads(json.dumps(config))
+    maintenance = copied.setdefault("storage", {}).setdefault("maintenance", {})
+    maintenance["readonly"] = {"enabled": True}
+    return dict(copied)
+
+
+def _config_bytes(config: Mapping[str, Any]) -> bytes:
+    # JSON is YAML: no YAML library needed to write the registry's config.
+    return json.dumps(config, indent=2).encode() + b"\n"
 
 
 def _open_fifo_writer(path: Path, timeout: float) -> int | None:

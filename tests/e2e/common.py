@@ -8,6 +8,7 @@ host's loopback; the agent and the registry then take unprivileged ports chosen 
 from __future__ import annotations
 
 import hashlib
+import tarfile
 import time
 from pathlib import Path
 
@@ -92,3 +93,15 @@ def copy_plain(source: Path, target: Path, mode: int) -> Path:
     target.write_bytes(source.resolve().read_bytes())
     target.chmod(mode)
     return target
+
+
+PAYLOAD = "payload.bin"
+
+
+def one_file_tarball(path: Path, payload: bytes) -> Path:
+    """A root filesystem with one file, for ``docker import``."""
+    source = path.with_name(PAYLOAD)
+    source.write_bytes(payload)
+    with tarfile.open(path, "w") as tar:
+        tar.add(source, arcname=PAYLOAD)
+    return path

@@ -23,7 +23,6 @@ Followed as literally as these machines allow, with Pebble standing in for Let's
 from __future__ import annotations
 
 import os
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +33,10 @@ from tests.e2e.common import (
     CA_IN_CONTAINER,
     GRACE_SECONDS,
     NAME,
+    PAYLOAD,
     acme_env,
     fingerprint,
+    one_file_tarball,
     served,
 )
 from tests.support.docker import DockerEngine
@@ -50,7 +51,6 @@ VOLUMES = {
     "registry-certs": "/certs",
     "registry-storage": "/var/lib/registry",
 }
-PAYLOAD = "payload.bin"
 # The image's HEALTHCHECK probes every 30 s, the first time 30 s after the start.
 HEALTHY_TIMEOUT = 150
 READY_TIMEOUT = 60
@@ -84,15 +84,6 @@ def quick_start_run_args(
         args += ["-v", f"{volume}:{mount_point}"]
     args += ["-v", f"{pebble.ca_bundle}:{CA_IN_CONTAINER}:ro"]
     return [*args, image]
-
-
-def one_file_tarball(path: Path, payload: bytes) -> Path:
-    """A root filesystem with one file, for ``docker import``."""
-    source = path.with_name(PAYLOAD)
-    source.write_bytes(payload)
-    with tarfile.open(path, "w") as tar:
-        tar.add(source, arcname=PAYLOAD)
-    return path
 
 
 def wait_for(engine: DockerEngine, template: str, wanted: str, timeout: float) -> None:

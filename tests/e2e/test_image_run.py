@@ -54,7 +54,7 @@ def dockerfile_pins() -> dict[str, str]:
 def test_image_config(product_image):
     config = image_config(product_image)
     assert config["Config"]["User"] == f"{IMAGE_UID}:{IMAGE_GID}"
-    assert set(config["Config"]["ExposedPorts"]) == {"80/tcp", "443/tcp"}
+    assert set(config["Config"]["ExposedPorts"]) == {"80/tcp", "443/tcp", "5001/tcp"}
     assert set(config["Config"]["Volumes"]) == {"/data", "/certs", "/var/lib/registry"}
     assert config["Config"]["StopSignal"] == "SIGTERM"
     assert config["Config"]["Cmd"] == ["run"]

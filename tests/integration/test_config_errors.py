@@ -174,6 +174,34 @@ INVALID = [
     ),
     ("http port off with http-01", {"ACME_HTTP_PORT": "off"}, "ACME_HTTP_PORT", "DNS challenge"),
     ("rfc2136 server missing", {**RFC2136, "DNS_RFC2136_SERVER": None}, "DNS_RFC2136_SERVER", ""),
+    ("token typo", {"AUTH_MODE": "token", "TOKEN_TTLL": "5m"}, "TOKEN_TTLL", "TOKEN_TTL?"),
+    ("token ttl", {"AUTH_MODE": "token", "TOKEN_TTL": "1s"}, "TOKEN_TTL", "outside"),
+    ("token addr", {"AUTH_MODE": "token", "TOKEN_ADDR": "5001"}, "TOKEN_ADDR", "host:port"),
+    (
+        "registry auth in token mode",
+        {"AUTH_MODE": "token", "REGISTRY_AUTH_TOKEN_REALM": "https://x.test/token"},
+        "REGISTRY_AUTH_TOKEN_REALM",
+        "owns auth",
+    ),
+    (
+        "policy file missing",
+        {"AUTH_MODE": "token", "AUTH_POLICY_FILE": "/nonexistent/policy.yml"},
+        "AUTH_POLICY_FILE",
+        "cannot read",
+    ),
+    (
+        "policy file bad pattern",
+        {"AUTH_MODE": "token", "AUTH_POLICY_FILE": "@badpolicy"},
+        "AUTH_POLICY_FILE",
+        "policy.yml:3:",
+    ),
+    (
+        "anonymous pattern",
+        {"AUTH_MODE": "token", "AUTH_ANONYMOUS_PULL": "Public/*"},
+        "AUTH_ANONYMOUS_PULL",
+        "lower case",
+    ),
+    ("token setting outside token mode", {"TOKEN_TTL": "5m"}, "TOKEN_TTL", "AUTH_MODE=token"),
 ]
 
 
@@ -186,14 +214,18 @@ def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, va
     env = base_env(tmp_path)
     not_pem = tmp_path / "not-pem.txt"
     not_pem.write_text("hello\n")
+    bad_policy = tmp_path / "policy.yml"
+    bad_policy.write_text("users:\n  ci:\n    pull: ['Team/*']\n")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep").write_text("operator file\n")
     for name, value in changes.items():
         if value is None:
             env.pop(name, None)
         else:
-            env[name] = value.replace("@notpem", str(not_pem)).replace(
-                "@registryaddr", env["REGISTRY_HTTP_ADDR"]
+            env[name] = (
+                value.replace("@notpem", str(not_pem))
+                .replace("@badpolicy", str(bad_policy))
+                .replace("@registryaddr", env["REGISTRY_HTTP_ADDR"])
             )
     before = snapshot(tmp_path / "certs", tmp_path / "data")
 

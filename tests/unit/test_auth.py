@@ -352,6 +352,34 @@ def test_a_damaged_users_file_is_an_error_not_an_empty_store(tmp_path, content):
     assert not (auth_dir(tmp_path / "data") / "initial-admin-password").exists()
 
 
+def test_generated_passwords_are_hashed_at_cost_4_chosen_ones_at_10(tmp_path):
+    # The product's default cost (10), not the cheap one the other tests use.
+    data = tmp_path / "data"
+    first = user_store(data)
+    first.ensure_initial_admin()
+    admin_hash = htpasswd(first)["admin"]
+    assert auth.hash_cost(admin_hash) == 4
+    password = (auth_dir(data) / "initial-admin-password").read_text().strip()
+    assert bcrypt.checkpw(password.encode(), admin_hash.encode())
+
+    created, generated = first.add_generated("ci")
+    assert created is True and len(generated) >= 32
+    assert auth.hash_cost(htpasswd(first)["ci"]) == 4
+    first.add("ci", "chosen by a person")
+    assert auth.hash_cost(htpasswd(first)["ci"]) == 10
+
+    from_env = user_store(tmp_path / "env", load_env_users("alice:" + SECRET, None))
+    from_env.sync_htpasswd()
+    assert auth.hash_cost(htpasswd(from_env)["alice"]) == 10
+
+
+def test_generated_password_has_at_least_128_bits():
+    # token_urlsafe: 6 bits per character; the cost-4 rule rests on this.
+    samples = {auth.generate_password() for _ in range(50)}
+    assert len(samples) == 50
+    assert all(len(p) * 6 >= 128 for p in samples)
+
+
 def test_control_handlers(tmp_path):
     s = store(tmp_path, env="alice:a")
     handlers = auth.control_handlers(s)
@@ -364,6 +392,10 @@ def test_control_handlers(tmp_path):
     answer = add({"name": "eve", "password": SECRET * 5})
     assert answer["ok"] is False and SECRET not in json.dumps(answer)
     assert add({"name": "eve"})["ok"] is False
+    generated = add({"name": "gen", "generate": True})
+    assert generated["ok"] is True and generated["created"] is True
+    assert bcrypt.checkpw(generated["password"].encode(), htpasswd(s)["gen"].encode())
+    assert auth.hash_cost(htpasswd(s)["gen"]) == 4
     assert remove({"name": "bob"}) == {"ok": True}
     assert remove({"name": "bob"}) == {"ok": False, "error": "no user 'bob'"}
     assert remove({})["ok"] is False
@@ -396,3 +428,61 @@ def test_reading_the_configuration_does_not_load_bcrypt():
     code = "import sys, acme_registry.config; print('bcrypt' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "False"
+
+
+# -- token mode: run-time grants and the token service's password lookup --------------------
+
+
+def test_runtime_grants_replace_keep_and_drop(tmp_path):
+    from acme_registry.policy import Grants
+
+    s = store(tmp_path, env="alice:a")
+    handlers = auth.control_handlers(s, describe_grants=lambda name: f"grants of {name}")
+    add, list_users = handlers["user-add"], handlers["user-list"]
+    ci = auth.grants_record([], ["team/*"], ["team/tmp/*"], False)
+    assert add({"name": "ci", "password": SECRET, "grants": ci})["ok"] is True
+    assert s.runtime_grants() == {"ci": Grants(push=("team/*",), delete=("team/tmp/*",))}
+    # A password reset without grant flags keeps them; new flags replace them.
+    assert add({"name": "ci", "password": "new one"})["ok"] is True
+    assert s.runtime_grants()["ci"].push == ("team/*",)
+    nodes = auth.grants_record(["*"], [], [], True)
+    assert add({"name": "ci", "password": "x", "grants": nodes})["ok"] is True
+    assert s.runtime_grants()["ci"] == Grants(pull=("*",), catalog=True)
+    # An environment user may get run-time grants (not a password).
+    s.set_grants("alice", auth.grants_record(["public/*"], [], [], False))
+    assert s.runtime_grants()["alice"].pull == ("public/*",)
+    listed = list_users({})
+    assert listed["grants"] == {"alice": "grants of alice", "ci": "grants of ci"}
+    # A bad pattern changes nothing, not even the password.
+    before = htpasswd(s)["ci"]
+    bad = add(
+        {"name": "ci", "password": "y", "grants": auth.grants_record(["Team/*"], [], [], False)}
+    )
+    assert bad["ok"] is False and "--pull" in bad["error"]
+    assert htpasswd(s)["ci"] == before
+    s.remove("ci")
+    assert "ci" not in s.runtime_grants()
+
+
+def test_grants_are_refused_outside_token_mode(tmp_path):
+    add = auth.control_handlers(store(tmp_path))["user-add"]
+    answer = add({"name": "ci", "password": SECRET, "grants": auth.grants_record([], [], [], True)})
+    assert answer["ok"] is False and "AUTH_MODE=token" in answer["error"]
+
+
+def test_password_hash_for_the_token_service(tmp_path):
+    s = store(tmp_path, env="alice:" + SECRET)
+    s.sync_htpasswd()
+    s.add("bob", "bob-password")
+    alice = s.password_hash("alice")
+    assert alice is not None and bcrypt.checkpw(SECRET.encode(), alice.encode())
+    assert s.password_hash("alice") == alice  # hashed once per process
+    bob = s.password_hash("bob")
+    assert bob is not None and bcrypt.checkpw(b"bob-password", bob.encode())
+    assert s.password_hash("nobody") is None
+    # Another process (the CLI through the agent, or a second store) changes the file.
+    store(tmp_path, env="alice:" + SECRET).add("bob", "changed")
+    changed = s.password_hash("bob")
+    assert changed is not None and bcrypt.checkpw(b"changed", changed.encode())
+    s.remove("bob")
+    assert s.password_hash("bob") is None

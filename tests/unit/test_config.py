@@ -149,3 +149,61 @@ def test_http_port_off_only_with_a_dns_challenge():
     with pytest.raises(ConfigError) as error:
         load_settings({**BASE, "ACME_HTTP_PORT": "off"})
     assert error.value.variable == "ACME_HTTP_PORT"
+
+
+# -- AUTH_MODE=token -------------------------------------------------------------------------
+
+TOKEN = {**BASE, "AUTH_MODE": "token"}
+
+
+def test_token_mode_settings():
+    s = load_settings({**TOKEN, "AUTH_ANONYMOUS_PULL": "public/*", "TOKEN_TTL": "10m"})
+    assert s.auth_mode == "token" and s.token is not None
+    assert s.token.realm == "https://registry.example.com:5001/token"
+    assert s.token.service == "registry.example.com"
+    assert s.token.anonymous_pull == ("public/*",)
+    assert s.token.ttl == 600
+    assert load_settings(BASE).token is None
+
+
+def test_token_variables_are_known_to_config():
+    from acme_registry import config, tokenconfig
+
+    assert set(tokenconfig.KNOWN_VARIABLES) <= set(config.KNOWN_VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({**TOKEN, "TOKEN_ADRR": ":5001"}, "TOKEN_ADRR"),
+        ({**TOKEN, "REGISTRY_AUTH_TOKEN_REALM": "https://x/token"}, "REGISTRY_AUTH_TOKEN_REALM"),
+        ({**TOKEN, "TOKEN_ADDR": ":443"}, "TOKEN_ADDR"),
+        ({**TOKEN, "AUTH_ANONYMOUS_PULL": "Public/*"}, "AUTH_ANONYMOUS_PULL"),
+        ({**TOKEN, "AUTH_POLICY_FILE": "relative.yml"}, "AUTH_POLICY_FILE"),
+        ({**TOKEN, "AUTH_POLICY_FILE": "/nonexistent/policy.yml"}, "AUTH_POLICY_FILE"),
+        ({**BASE, "AUTH_ANONYMOUS_PULL": "public/*"}, "AUTH_ANONYMOUS_PULL"),
+        ({**BASE, "TOKEN_TYPO": "1"}, "TOKEN_TYPO"),
+    ],
+)
+def test_token_mode_bad_input_names_the_setting(env, variable):
+    with pytest.raises(ConfigError) as error:
+        load_settings(env)
+    assert error.value.variable == variable
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_policy_file_is_named_with_its_line(tmp_path):
+    policy = tmp_path / "policy.yml"
+    policy.write_text("users:\n  ci:\n    pull: ['Team/*']\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings({**TOKEN, "AUTH_POLICY_FILE": str(policy)})
+    assert error.value.variable == "AUTH_POLICY_FILE"
+    assert f"{policy}:3" in str(error.value)
+    policy.write_text("users:\n  ci:\n    push: ['team/*']\n")
+    assert load_settings({**TOKEN, "AUTH_POLICY_FILE": str(policy)}).token is not None
+
+
+def test_token_variables_of_kubernetes_service_links_are_ignored():
+    # A Service named "token" injects TOKEN_PORT=tcp://...: not a setting of ours.
+    s = load_settings({**TOKEN, "TOKEN_PORT": "tcp://10.96.0.9:5001"})
+    assert s.token is not None and s.token.addr.port == 5001

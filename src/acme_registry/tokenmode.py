@@ -1,0 +1,201 @@
+"""``AUTH_MODE=token`` as the agent runs it: the token service, its keyring and the files.
+
+The building blocks (:mod:`tokenservice`, :mod:`tokenhttp`, :mod:`tokens`, :mod:`policy`)
+are wired here, so the agent only calls a few methods at the points of its loop:
+
+- :meth:`TokenMode.registry_config`: the registry config keys of token mode, with the
+  root bundle (``DATA_DIR/registry/token-roots.pem``) written first;
+- :meth:`TokenMode.serve`: after every generation start or rotation (the served certificate
+  may have changed): starts the token service on ``TOKEN_ADDR`` the first time, then moves
+  it onto the new certificate (new connections get it; open ones keep theirs), and records
+  that a registry runs with the bundle on disk;
+- :meth:`TokenMode.maintain`: the keyring's rollover, once per loop step: a new bundle is
+  written and a generation started with it (``rotate``) before the new key signs.
+
+Users and grants are re-read at every token request: passwords and run-time grants through
+the :class:`~.auth.UserStore`, the policy file by its mtime. A policy file that became
+invalid at run time keeps the last valid one in force (logged): an empty policy would give
+every user every action.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import tokenconfig
+from .admin import Metrics
+from .auth import UserStore
+from .policy import EMPTY_POLICY, Grants, Policy, PolicyError, effective_grants, parse_policy
+from .storage import write_atomic
+from .tokenconfig import TokenSettings
+from .tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
+from .tokens import FileBlob, Keyring, load_keyring
+from .tokenservice import Hooks, PasswordChecker, TokenService
+
+log = logging.getLogger(__name__)
+
+KEYRING_FILE = Path("token") / "keyring.json"
+BUNDLE_FILE = Path("registry") / "token-roots.pem"
+
+
+class PolicyFile:
+    """``AUTH_POLICY_FILE`` parsed again whenever its mtime or size changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._policy = EMPTY_POLICY
+        if path is not None:
+            # At start it was checked by config: an error now is a race; fail loudly.
+            self._policy = parse_policy(path.read_text(), str(path))
+            self._stamp = self._current_stamp()
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def policy(self) -> Policy:
+        if self.path is None:
+            return EMPTY_POLICY
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return self._policy
+        self._stamp = stamp
+        try:
+            self._policy = parse_policy(self.path.read_text(), str(self.path))
+            log.info("policy file %s read again", self.path)
+        except (OSError, UnicodeDecodeError, PolicyError) as error:
+            log.error("policy file %s: %s; the last valid one stays in force", self.path, error)
+        return self._policy
+
+
+class TokenMode:
+    def __init__(
+        self,
+        settings: TokenSettings,
+        data_dir: Path,
+        users: UserStore,
+        metrics: Metrics,
+        now: dt.datetime,
+    ) -> None:
+        self.settings = settings
+        self.users = users
+        self.blob = FileBlob(data_dir / KEYRING_FILE)
+        self.keyring: Keyring = load_keyring(self.blob, now)
+        self.bundle_path = data_dir / BUNDLE_FILE
+        self.policy_file = PolicyFile(settings.policy_file)
+        self._written_digest: str | None = None
+        self.certificate: ServerCertificate | None = None
+        self.server: ThreadedServer | None = None
+        self.service = TokenService(
+            service=settings.service,
+            issuer=settings.issuer,
+            ttl=settings.ttl,
+            password_hash=users.password_hash,
+            grants=self.grants,
+            keyring=lambda: self.keyring,  # replaced by maintain(): read at every token
+            checker=PasswordChecker(),
+            hooks=Hooks(failure=metrics.auth_failure, issued=metrics.token_issued),
+        )
+
+    # -- grants ------------------------------------------------------------------------
+
+    def grants(self, user: str | None) -> Grants:
+        return effective_grants(
+            user,
+            self.policy_file.policy(),
+            self.users.runtime_grants(),
+            self.settings.anonymous_pull,
+        )
+
+    def describe_grants(self, user: str) -> str:
+        """One line for ``user list``: the user's effective grants."""
+        return self.grants(user).describe()
+
+    # -- the registry ------------------------------------------------------------------
+
+    def registry_config(self, now: dt.datetime) -> dict[str, Any]:
+        self.write_bundle(now)
+        return tokenconfig.registry_token_config(self.settings, self.bundle_path)
+
+    def write_bundle(self, now: dt.datetime) -> None:
+        """The certificates the registry trusts; read by every generation started later."""
+        pem = self.keyring.bundle_pem(now)
+        self.bundle_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.bundle_path.exists() or self.bundle_path.read_bytes() != pem:
+            write_atomic(self.bundle_path, pem, mode=0o644)
+        self._written_digest = self.keyring.bundle_digest(now)
+
+    def serve(self, tls_file: Path) -> None:
+        """A generation started (or rotated) with ``tls_file``: follow it.
+
+        Raises OSError naming TOKEN_ADDR when the service cannot listen.
+        """
+        self._generation_started()
+        if self.certificate is None:
+            self.certificate = ServerCertificate(tls_file)
+        elif self.server is not None:
+            self.certificate.load(tls_file)
+            log.info("token service moved onto the new certificate")
+        if self.server is None:
+            self.server = self._start_server(self.certificate)
+
+    @property
+    def failed_to_listen(self) -> bool:
+        """A certificate to serve, and no server: the last start failed."""
+        return self.certificate is not None and self.server is None
+
+    def _start_server(self, certificate: ServerCertificate) -> ThreadedServer:
+        from .launcher import bind_problem  # launcher imports the agent, which imports us
+
+        addr = self.settings.addr
+        http = TokenHTTPServer(
+            self.service.handle, certificate, proxy_protocol=self.settings.proxy_protocol
+        )
+        try:
+            server = ThreadedServer(http, addr.host, addr.port).start()
+        except OSError as error:
+            raise OSError(bind_problem("TOKEN_ADDR", addr.port, error)) from None
+        log.info(
+            "token service on %s (realm %s)",
+            ", ".join(f"{h}:{p}" for h, p in server.addresses) or f"port {addr.port}",
+            self.settings.realm,
+        )
+        return server
+
+    def _generation_started(self) -> None:
+        if self._written_digest is not None and self._written_digest != self.keyring.served_bundle:
+            self.keyring = self.keyring.mark_served(self._written_digest)
+            self.blob.store(self.keyring.to_bytes())
+
+    # -- the keyring's rollover --------------------------------------------------------
+
+    def maintain(self, now: dt.datetime, rotate: Callable[[], bool]) -> None:
+        """Advance the keyring; ``rotate`` starts a registry generation and says whether it
+        did (False: none runs yet, and the first one will read the bundle written here)."""
+        ring = self.keyring.advance(now)
+        if ring != self.keyring:
+            self.blob.store(ring.to_bytes())
+            self.keyring = ring
+            log.info("token signing keyring advanced (key valid until %s)", ring.current.not_after)
+        if ring.bundle_digest(now) == ring.served_bundle:
+            return
+        self.write_bundle(now)
+        if rotate():
+            log.info("a registry generation now trusts the new token certificate")
+            self._generation_started()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.service.checker.close()
