@@ -407,7 +407,8 @@ def path_bench(workdir: Path, binary: Path, rotations: int, interval: float) -> 
         root = pebble.root_pem()
         served = {wait_for_tls("127.0.0.1", agent.registry_port, NAME, root, 30).serial_number}
         manifest = ""
-        if binary != STANDIN:  # the stand-in answers every GET with {}: nothing to push
+        # The stand-in answers every GET with {}: nothing to push.
+        if Path(binary).resolve() != Path(STANDIN).resolve():
             layout = workdir / "image"
             make_oci_image(layout, tag=TAG, size=64 * 1024)
             manifest, _ = image_digests(layout, TAG)
