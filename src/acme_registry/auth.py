@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import statekeys
+from .names import is_user_name
 from .storage import Storage, ensure_private_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ MAX_PASSWORD_BYTES = 72  # bcrypt ignores the rest; the bcrypt package refuses l
 INITIAL_ADMIN = "admin"
 RUNTIME = "run-time"
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The registry's bcrypt (golang.org/x/crypto) reads every 2x variant the same way.
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 # Other htpasswd formats (MD5 apr1, SHA, crypt's $5$/$6$, argon2): the registry never
@@ -103,7 +103,7 @@ class Credential:
 
 
 def valid_name(name: str) -> bool:
-    return _NAME.fullmatch(name) is not None
+    return is_user_name(name)
 
 
 def is_bcrypt_hash(value: str) -> bool:

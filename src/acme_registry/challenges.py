@@ -7,12 +7,9 @@ several replicas share a storage directory behind one load balancer.
 
 from __future__ import annotations
 
-import re
-
 from . import statekeys
+from .names import is_acme_token
 from .storage import Storage
-
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
 class PendingChallenges:
@@ -27,7 +24,7 @@ class PendingChallenges:
 
     def lookup(self, token: str) -> str | None:
         """The key authorization for a pending token; None for anything else."""
-        if not _TOKEN.match(token):
+        if not is_acme_token(token):
             return None
         data = self.storage.load_bytes(statekeys.challenge(token))
         return data.decode() if data is not None else None
@@ -39,6 +36,6 @@ class PendingChallenges:
 
 
 def _checked(token: str) -> str:
-    if not _TOKEN.match(token):
+    if not is_acme_token(token):
         raise ValueError("an ACME token is base64url")
     return token

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .auth import Credential, UsersFormatError, load_env_users
+from .names import is_dns_name, is_ip
 
 if TYPE_CHECKING:
     from .dnsconfig import DnsSettings
@@ -96,7 +97,6 @@ OWNED_REGISTRY_SECTIONS = ("REGISTRY_HTTP",)
 OWN_REGISTRY_VARIABLES = ("REGISTRY_BINARY", "REGISTRY_SOCKET_ACTIVATION")
 
 DEFAULT_DRAIN_SECONDS = 30
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _GO_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)$")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
@@ -392,11 +392,8 @@ def _domains(raw: str, challenge: str = "http-01") -> tuple[str, ...]:
         name = _canonical_ip(name) if is_ip(name) else name.rstrip(".")
         if not name:
             raise ConfigError("ACME_DOMAINS", "empty name in the list")
-        labels = name.removeprefix("*.").split(".")
         plain = not is_ip(name) and "*" not in name
-        if plain and (
-            len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels)
-        ):
+        if plain and not is_dns_name(name, min_labels=2):
             raise ConfigError("ACME_DOMAINS", f"{part.strip()!r} is not a valid DNS name")
         if name in names:
             raise ConfigError("ACME_DOMAINS", f"{name!r} is listed twice")
@@ -409,15 +406,6 @@ def _domains(raw: str, challenge: str = "http-01") -> tuple[str, ...]:
 
 def _canonical_ip(text: str) -> str:
     return str(ipaddress.ip_address(text.strip("[]")))
-
-
-def is_ip(text: str) -> bool:
-    """Whether ``text`` is an IPv4 or IPv6 address (IPv6 possibly in brackets)."""
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _email(value: str | None) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import dns.tsig
 
 from .config import ConfigError, is_service_link
+from .names import DNS_LABEL, HOST_LABEL, is_dns_name, is_ip
 
 HTTP_01 = "http-01"
 DNS_01 = "dns-01"
@@ -84,8 +85,6 @@ _EXEC_VARIABLES = ("DNS_EXEC_COMMAND",)
 _PROVIDER_VARIABLES = ("DNS_PROVIDER", *_RFC2136_VARIABLES, *_EXEC_VARIABLES)
 _PROPAGATION_VARIABLES = ("DNS_PROPAGATION_CHECK", "DNS_RESOLVERS", "DNS_PROPAGATION_TIMEOUT")
 
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m)?$")
 
 
@@ -199,7 +198,7 @@ def check_names(names: Sequence[str], challenge: str) -> None:
     """
     dns_challenge = challenge in DNS_CHALLENGES
     for name in names:
-        if _is_ip(name):
+        if is_ip(name):
             if dns_challenge:
                 raise ConfigError(
                     "ACME_DOMAINS",
@@ -219,7 +218,7 @@ def check_names(names: Sequence[str], challenge: str) -> None:
                 )
             base = name[2:]
             labels = base.split(".")
-            if len(labels) < 2 or not all(_HOST_LABEL.match(x) for x in labels):
+            if len(labels) < 2 or not all(HOST_LABEL.fullmatch(x) for x in labels):
                 raise ConfigError("ACME_DOMAINS", f"{name!r} is not a valid wildcard name")
 
 
@@ -267,7 +266,7 @@ def _rfc2136(env: Mapping[str, str]) -> Rfc2136Settings:
     key_name = _value(env, "DNS_RFC2136_TSIG_KEY_NAME").lower().rstrip(".")
     if not key_name:
         raise ConfigError("DNS_RFC2136_TSIG_KEY_NAME", "required with DNS_PROVIDER=rfc2136")
-    if not _is_dns_name(key_name, min_labels=1):
+    if not is_dns_name(key_name, labels=DNS_LABEL):
         raise ConfigError("DNS_RFC2136_TSIG_KEY_NAME", f"{key_name!r} is not a valid key name")
     algorithm = _value(env, "DNS_RFC2136_TSIG_ALGORITHM").lower().rstrip(".")
     algorithm = algorithm or DEFAULT_TSIG_ALGORITHM
@@ -277,7 +276,7 @@ def _rfc2136(env: Mapping[str, str]) -> Rfc2136Settings:
     if algorithm == "hmac-md5.sig-alg.reg.int":
         algorithm = "hmac-md5"
     zone = _value(env, "DNS_RFC2136_ZONE").lower().rstrip(".") or None
-    if zone is not None and not _is_dns_name(zone, min_labels=1):
+    if zone is not None and not is_dns_name(zone, labels=DNS_LABEL):
         raise ConfigError("DNS_RFC2136_ZONE", f"{zone!r} is not a valid DNS name")
     return Rfc2136Settings(
         server=server,
@@ -383,7 +382,7 @@ def _persist_issuer(env: Mapping[str, str]) -> str | None:
     issuer = _value(env, "ACME_DNS_PERSIST_ISSUER").lower().rstrip(".")
     if not issuer:
         return None
-    if not _is_dns_name(issuer, min_labels=2, labels=_HOST_LABEL):
+    if not is_dns_name(issuer, min_labels=2):
         raise ConfigError("ACME_DNS_PERSIST_ISSUER", f"{issuer!r} is not a domain name")
     return issuer
 
@@ -400,22 +399,22 @@ def _host_port(variable: str, raw: str, *, allow_names: bool) -> HostPort:
             if not rest.startswith(":"):
                 raise ConfigError(variable, f"{raw!r} is not [address]:port")
             port = _port(variable, raw, rest[1:])
-        if not _is_ip(host) or ":" not in host:
+        if not is_ip(host) or ":" not in host:
             raise ConfigError(variable, f"{host!r} in brackets is not an IPv6 address")
         return HostPort(str(ipaddress.ip_address(host)), port)
     if text.count(":") > 1:
-        if not _is_ip(text):
+        if not is_ip(text):
             raise ConfigError(variable, f"{raw!r} is not an address (IPv6 and a port: [addr]:port)")
         return HostPort(str(ipaddress.ip_address(text)), port)
     host, colon, port_text = text.partition(":")
     if colon:
         port = _port(variable, raw, port_text)
-    if _is_ip(host):
+    if is_ip(host):
         return HostPort(host, port)
     if not allow_names:
         raise ConfigError(variable, f"{host!r} is not an IP address")
     name = host.lower().rstrip(".")
-    if not _is_dns_name(name, min_labels=1, labels=_HOST_LABEL):
+    if not is_dns_name(name):
         raise ConfigError(variable, f"{host!r} is neither an IP address nor a host name")
     return HostPort(name, port)
 
@@ -424,16 +423,3 @@ def _port(variable: str, raw: str, text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ConfigError(variable, f"{raw!r} has no valid port (1-65535)")
     return int(text)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _is_dns_name(name: str, *, min_labels: int, labels: re.Pattern[str] = _DNS_LABEL) -> bool:
-    parts = name.split(".")
-    return len(name) <= 253 and len(parts) >= min_labels and all(labels.match(x) for x in parts)

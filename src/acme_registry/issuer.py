@@ -27,10 +27,11 @@ from . import __version__, dnschallenge, dnspersist, issued, keys, schedule, sta
 from .account import ACCOUNT_ALG, Account
 from .certstore import CertificatePair, parse_pair
 from .challenges import PendingChallenges
-from .config import ConfigError, Settings, is_ip
+from .config import ConfigError, Settings
 from .dnsconfig import DNS_01, DNS_PERSIST_01
 from .dnspropagation import PropagationChecker
 from .dnsproviders import DnsError, DnsProvider, provider_for
+from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
 from .storage import FileStorage, Storage
 

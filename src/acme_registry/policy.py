@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from .names import is_user_name
+
 PULL = "pull"
 PUSH = "push"
 DELETE = "delete"
@@ -55,7 +57,6 @@ MAX_SCOPES = 32  # a pull asks for one or two; more is not a client we know
 MAX_SCOPE_LENGTH = 512
 
 # The user names auth accepts (auth._NAME): the file may name users not created yet.
-_USER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PATTERN = re.compile(r"[a-z0-9._/*-]+")
 # distribution's reference grammar: path components, optionally led by a host[:port].
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -256,7 +257,7 @@ def parse_policy(text: str, source: str = "AUTH_POLICY_FILE") -> Policy:
     if "users" in top:
         _, value = top["users"]
         for name, (name_node, entry) in reader.mapping(value, "users", None).items():
-            if _USER_NAME.fullmatch(name) is None:
+            if not is_user_name(name):
                 reader.fail(name_node, f"users: {name[:80]!r} is not a user name")
             users[name] = reader.grants(entry, f"users.{name}")
     anonymous = NOTHING

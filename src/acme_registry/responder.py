@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ipaddress
 import logging
-import re
 import socket
 import threading
 import time
@@ -41,6 +39,7 @@ from .httphead import (
     response,
 )
 from .listen import DEFAULT_BACKLOG, bind_tcp, open_file_limit
+from .names import is_acme_token, is_dns_name, is_ip
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +68,6 @@ _STOP_SECONDS = 5.0
 # many containers get a hard limit of 2**20.
 _RESERVED_FILES = 1024
 _MAX_CONNECTIONS_CEILING = 65536
-
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
-_DOMAIN = re.compile(
-    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-)
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def default_max_connections(open_files: int) -> int:
@@ -130,10 +116,10 @@ class ChallengeResponder:
         for name in names:
             # The names end up in Location headers, so only DNS names (a wildcard's base
             # too) and IP addresses are acceptable.
-            if _is_ip(name):
+            if is_ip(name):
                 continue
             base = name.removeprefix("*.")
-            if len(base) > 253 or not _DOMAIN.fullmatch(base):
+            if not is_dns_name(base):
                 raise ValueError(f"{name!r} is not a valid DNS name")
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range")
@@ -345,7 +331,7 @@ class ChallengeResponder:
 
         if path == CHALLENGE_PREFIX.rstrip("/") or path.startswith(CHALLENGE_PREFIX):
             token = path[len(CHALLENGE_PREFIX) :]
-            body = self._key_authorization(token, peer) if _TOKEN.fullmatch(token) else None
+            body = self._key_authorization(token, peer) if is_acme_token(token) else None
             if body is None:
                 return response(404, head_only=head_only)
             return response(200, head_only=head_only, body=body)
