@@ -475,6 +475,37 @@ def _goals(results: dict[str, Any]) -> str:
                 _verdict(worst < GOAL_PSS_MIB * MIB, f"{(worst / MIB - GOAL_PSS_MIB):.1f} MiB"),
             )
         )
+    if "port80" in results:
+        ours = results["port80"]["variants"][0]
+        top = max(ours["rows"], key=lambda row: row["count"])
+        slowest = max(top["challenge"]["max"] or 99, top["redirect"]["max"] or 99)
+        answered = top["challenge"]["answered"] + top["redirect"]["answered"]
+        asked = top["challenge"]["requests"] + top["redirect"]["requests"]
+        rows.append(
+            (
+                "Port 80 with idle connections held",
+                "10,000 held: answers < 1 s, agent RSS < 128 MiB",
+                f"{top['held_after']} held: {answered}/{asked} answered, slowest "
+                f"{slowest * 1000:.1f} ms (first after the burst "
+                f"{(top['first_after_burst'] or 0) * 1000:.0f} ms); RSS "
+                f"{top['memory']['rss'] / MIB:.1f} MiB",
+                _verdict(
+                    answered == asked and slowest < 1 and top["memory"]["rss"] < 128 * MIB,
+                    "see the table",
+                ),
+            )
+        )
+    for run in results.get("rotation_paths", []):
+        if run["path"] == "socket activation":
+            rows.append(
+                (
+                    f"Rotation refuses nothing ({run['version']})",
+                    "0 refused connects",
+                    f"{run['refused']} refused, {run['unanswered']} unanswered, "
+                    f"{run['failed']} failed in {run['rotations']} renewals",
+                    _verdict(run["refused"] == 0, f"{run['refused']} refused"),
+                )
+            )
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
 
 
