@@ -7,8 +7,6 @@ without a restart: the registry re-reads the file when its mtime changes.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import subprocess
@@ -19,14 +17,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from acme_registry.auth import UserStore, load_env_users, registry_auth_config
 from tests.support.clients import Skopeo
 from tests.support.ports import free_port
+from tests.support.tls import TestCA
 from tests.support.users import auth_dir, user_store
 
 NAME = "registry.test"
@@ -43,61 +38,15 @@ class TLSFiles:
 
 
 def make_tls(directory: Path) -> TLSFiles:
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme-registry test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = TestCA("acme-registry test CA")
+    leaf_pem, key_pem = ca.issue_pair([NAME])
     directory.mkdir(parents=True, exist_ok=True)
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca_pem)
+    ca_file.write_bytes(ca.pem)
     pem_file = directory / "tls.pem"
-    pem_file.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    pem_file.write_bytes(leaf_pem + key_pem)
     pem_file.chmod(0o600)
-    return TLSFiles(ca_pem, ca_file, pem_file)
+    return TLSFiles(ca.pem, ca_file, pem_file)
 
 
 class Registry:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import AgentProcess
+from tests.support.agent import start_agent
 from tests.support.clients import Skopeo, wait_for_tls
 from tests.support.load import LoadClient, image_digests
 from tests.support.oci import make_oci_image
-from tests.support.pebble import Pebble
 from tests.support.ports import free_port
 
 NAME = "registry.test"
@@ -35,25 +34,6 @@ def activation_binary() -> Path:
     return path
 
 
-def start_agent(
-    tmp_path: Path, pebble: Pebble, binary: Path, *, auth: bool = True, **extra: str
-) -> AgentProcess:
-    env = AgentProcess.environment(
-        tmp_path / "agent",
-        domains=NAME,
-        directory=extra.pop("ACME_DIRECTORY", pebble.directory_url),
-        ca_bundle=pebble.ca_bundle,
-        http_port=pebble.http_port,
-        registry_binary=binary,
-        **extra,
-    )
-    if not auth:
-        # A bcrypt check per request (cost 10: ~30/s on a 3.x) would make the load thin.
-        env["AUTH_MODE"] = "none"
-        env.pop("AUTH_USERS")
-    return AgentProcess(tmp_path / "agent", env).start()
-
-
 def connect_refused(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -64,6 +44,7 @@ def connect_refused(port: int) -> bool:
 
 def test_rotations_on_the_shared_socket_refuse_nothing(tmp_path, pebble_factory, activation_binary):
     pebble = pebble_factory(free_port(), nonce_reject=0)
+    # No auth: a bcrypt check per request (cost 10: ~30/s on a 3.x) would thin the load.
     agent = start_agent(tmp_path, pebble, activation_binary, auth=False)
     root = pebble.root_pem()
     manifest = None

@@ -159,17 +159,21 @@ NAME = "registry.test"
 
 
 def start_agent(
-    tmp_path: Path, pebble: Pebble, registry_binary: Path, **extra: str
+    tmp_path: Path, pebble: Pebble, registry_binary: Path, *, auth: bool = True, **extra: str
 ) -> AgentProcess:
+    """`acme-registry run` against ``pebble``; ``auth=False`` runs it with AUTH_MODE=none."""
     env = AgentProcess.environment(
         tmp_path / "agent",
         domains=extra.pop("ACME_DOMAINS", NAME),
-        directory=pebble.directory_url,
+        directory=extra.pop("ACME_DIRECTORY", pebble.directory_url),
         ca_bundle=pebble.ca_bundle,
         http_port=pebble.http_port,
         registry_binary=registry_binary,
         **extra,
     )
+    if not auth:
+        env["AUTH_MODE"] = "none"
+        env.pop("AUTH_USERS")
     return AgentProcess(tmp_path / "agent", env).start()
 
 
