@@ -34,6 +34,7 @@ for the new serial, and pass it to ``run_bench()`` next to (or instead of) the m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -41,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -289,35 +290,34 @@ def _rotation_timings(run: Run) -> str:
     )
 
 
-def product_bench(
-    workdir: Path, rotations: int, interval: float, retry_delay: float
-) -> tuple[Run, list[Run]]:
-    """The product itself: `acme-registry run` against Pebble, rotated by `acme-registry renew`."""
-    from tests.support.agent import AgentProcess
+@contextlib.contextmanager
+def _renewed_product(
+    workdir: Path, binary: Path, layer_bytes: int | None
+) -> Iterator[tuple[Any, bytes, str, list[str], Callable[[], object]]]:
+    """`acme-registry run` (AUTH_MODE=none) against its own Pebble, with an image pushed when
+    ``layer_bytes`` is set: (agent, Pebble's root, manifest digest, layer digests, rotate),
+    where ``rotate`` runs `acme-registry renew` and returns once a new serial is served."""
+    from tests.support.agent import start_agent
     from tests.support.clients import wait_for_tls
     from tests.support.pebble import Pebble
 
-    layout = workdir / "image"
-    make_oci_image(layout, tag=TAG, size=LAYER_BYTES)
-    manifest, layers = image_digests(layout, TAG)
     pebble = Pebble(workdir / "pebble", free_port(), nonce_reject=0).start()
-    env = AgentProcess.environment(
-        workdir / "agent",
-        domains=NAME,
-        directory=pebble.directory_url,
-        ca_bundle=pebble.ca_bundle,
-        http_port=pebble.http_port,
-        registry_binary=Path(REGISTRY_BINARY),
-        AUTH_MODE="none",
-    )
-    env.pop("AUTH_USERS")
-    agent = AgentProcess(workdir / "agent", env).start()
+    try:
+        agent = start_agent(workdir, pebble, binary, auth=False)
+    except BaseException:
+        pebble.stop()
+        raise
     try:
         root = pebble.root_pem()
         served = {wait_for_tls("127.0.0.1", agent.registry_port, NAME, root, 30).serial_number}
-        Skopeo(workdir / "skopeo", root, [NAME]).push(
-            layout, TAG, f"{NAME}:{agent.registry_port}/{REPO}:{TAG}"
-        )
+        manifest, layers = "", []
+        if layer_bytes is not None:
+            layout = workdir / "image"
+            make_oci_image(layout, tag=TAG, size=layer_bytes)
+            manifest, layers = image_digests(layout, TAG)
+            Skopeo(workdir / "skopeo", root, [NAME]).push(
+                layout, TAG, f"{NAME}:{agent.registry_port}/{REPO}:{TAG}"
+            )
 
         def rotate() -> object:
             result = agent.cli("renew", timeout=120)
@@ -334,6 +334,18 @@ def product_bench(
             served.add(cert.serial_number)
             return cert.serial_number
 
+        yield agent, root, manifest, layers, rotate
+    finally:
+        agent.stop()
+        pebble.stop()
+
+
+def product_bench(
+    workdir: Path, rotations: int, interval: float, retry_delay: float
+) -> tuple[Run, list[Run]]:
+    """The product itself: `acme-registry run` against Pebble, rotated by `acme-registry renew`."""
+    with _renewed_product(workdir, Path(REGISTRY_BINARY), LAYER_BYTES) as product:
+        agent, root, manifest, layers, rotate = product
         target = RotationTarget(
             name=NAME,
             port=agent.registry_port,
@@ -345,9 +357,6 @@ def product_bench(
             rotate=rotate,
         )
         return run_bench({"acme-registry renew": target}, rotations, interval, retry_delay)
-    finally:
-        agent.stop()
-        pebble.stop()
 
 
 # Debian's 2.8 takes the FIFO path (today's only path); the stand-in takes socket activation.
@@ -383,54 +392,15 @@ class PathRun:
 
 
 def path_bench(workdir: Path, binary: Path, rotations: int, interval: float) -> PathRun:
-    """The product with ``binary`` (REGISTRY_SOCKET_ACTIVATION=auto), rotated ``rotations``
-    times by `acme-registry renew` under 4 tight client loops."""
+    """The product with ``binary`` (REGISTRY_SOCKET_ACTIVATION=auto, AUTH_MODE=none), rotated
+    ``rotations`` times by `acme-registry renew` under 4 tight client loops."""
     from acme_registry.activation import binary_version, parse_version
-    from tests.support.agent import AgentProcess
-    from tests.support.clients import wait_for_tls
-    from tests.support.pebble import Pebble
 
     version = parse_version(binary_version(str(binary)))
-    pebble = Pebble(workdir / "pebble", free_port(), nonce_reject=0).start()
-    env = AgentProcess.environment(
-        workdir / "agent",
-        domains=NAME,
-        directory=pebble.directory_url,
-        ca_bundle=pebble.ca_bundle,
-        http_port=pebble.http_port,
-        registry_binary=binary,
-        AUTH_MODE="none",
-    )
-    env.pop("AUTH_USERS")
-    agent = AgentProcess(workdir / "agent", env).start()
-    try:
-        root = pebble.root_pem()
-        served = {wait_for_tls("127.0.0.1", agent.registry_port, NAME, root, 30).serial_number}
-        manifest = ""
-        # The stand-in answers every GET with {}: nothing to push.
-        if Path(binary).resolve() != Path(STANDIN).resolve():
-            layout = workdir / "image"
-            make_oci_image(layout, tag=TAG, size=64 * 1024)
-            manifest, _ = image_digests(layout, TAG)
-            Skopeo(workdir / "skopeo", root, [NAME]).push(
-                layout, TAG, f"{NAME}:{agent.registry_port}/{REPO}:{TAG}"
-            )
-
-        def rotate() -> object:
-            result = agent.cli("renew", timeout=120)
-            if result.returncode != 0:
-                raise RuntimeError(f"renew failed: {result.stderr.strip()}")
-            cert = wait_for_tls(
-                "127.0.0.1",
-                agent.registry_port,
-                NAME,
-                root,
-                10,
-                accept=lambda c: c.serial_number not in served,
-            )
-            served.add(cert.serial_number)
-            return cert.serial_number
-
+    # The stand-in answers every GET with {}: nothing to push.
+    standin = Path(binary).resolve() == Path(STANDIN).resolve()
+    with _renewed_product(workdir, binary, None if standin else 64 * 1024) as product:
+        agent, root, manifest, _, rotate = product
         target = RotationTarget(
             name=NAME,
             port=agent.registry_port,
@@ -442,9 +412,6 @@ def path_bench(workdir: Path, binary: Path, rotations: int, interval: float) -> 
             rotate=rotate,
         )
         run = measure(target, str(binary), rotations, interval, load_options=TIGHT_LOOPS)
-    finally:
-        agent.stop()
-        pebble.stop()
     log = agent.log()
     shared = "share the agent's listening socket" in log
     return PathRun(
