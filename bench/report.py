@@ -931,7 +931,9 @@ def _port80(results: dict[str, Any], charts: dict[str, Path]) -> str:
             "challenge GETs (200) and plain GETs (301) are timed; the agent's memory is every "
             "process of `acme-registry run` but the registry. The base commit's "
             "thread-per-connection responder (capped at 256 connections) runs the same "
-            "scenario beside it as today's baseline.",
+            "scenario beside it as today's baseline. The agent runs with AUTH_MODE=none "
+            "(authentication plays no part on port 80; the default, htpasswd, was not run "
+            "beside it).",
             "",
             port80.table(results["port80"]),
         ]
@@ -954,7 +956,9 @@ def _paths(results: dict[str, Any], charts: dict[str, Path]) -> str:
     header = ("path", "registry", "renewals", "requests", "refused", "unanswered", "failed")
     return "\n".join(
         [
-            "`acme-registry renew` under 4 tight client loops (a new TLS connection per "
+            "`acme-registry renew` with AUTH_MODE=none (not the default: with htpasswd every "
+            "request costs a bcrypt check, which would cap the loops; no htpasswd twin was run) "
+            "under 4 tight client loops (a new TLS connection per "
             "manifest GET, no pause; `bench.rotation.path_bench`). *Refused*: connects "
             "refused; *unanswered*: connections accepted, then closed with no response byte; "
             "each retried once after 5 ms; *failed*: still failed after that retry. The FIFO "
