@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.e2e
 COMPOSE = REPO / "compose" / "docker-compose.yml"
 STAGING = REPO / "compose" / "docker-compose.staging.yml"
 S3 = REPO / "compose" / "docker-compose.s3.yml"
+TOKEN = REPO / "compose" / "docker-compose.token.yml"
 TEST_OVERRIDE = Path(__file__).with_name("compose.test.yml")
 INITIAL_PASSWORD = "/data/auth/initial-admin-password"
 
@@ -132,7 +134,7 @@ def test_compose_up_reaches_a_verified_certificate(product_image, pebble, oci_im
     assert down.returncode == 0, down.stderr
 
 
-def test_compose_variants():
+def test_compose_variants(tmp_path):
     base = compose_config([COMPOSE], operator_env())["services"]["registry"]
     assert base["ports"] == ["80:80", "443:443"]
     assert base["restart"] == "always"
@@ -150,6 +152,30 @@ def test_compose_variants():
     assert s3["REGISTRY_STORAGE"] == "s3"
     assert s3["REGISTRY_STORAGE_S3_BUCKET"] == "images"
     assert s3["REGISTRY_STORAGE_S3_REGION"] == "eu-west-1"
+
+    # Token mode publishes the token service's port beside 80 and 443, and its environment
+    # passes the product's own check (the empty optional settings included).
+    token = compose_config([COMPOSE, TOKEN], operator_env())["services"]["registry"]
+    assert token["ports"] == ["80:80", "443:443", "5001:5001"]
+    assert token["environment"]["AUTH_MODE"] == "token"
+    check = subprocess.run(
+        [sys.executable, "-m", "acme_registry", "check"],
+        env={
+            **{k: str(v) for k, v in token["environment"].items()},
+            "PATH": os.environ["PATH"],
+            "CERT_DIR": str(tmp_path / "certs"),
+            "DATA_DIR": str(tmp_path / "data"),
+            "REGISTRY_BINARY": "/usr/bin/docker-registry",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    public = operator_env(AUTH_ANONYMOUS_PULL="public/*")
+    token_env = compose_config([COMPOSE, TOKEN], public)["services"]["registry"]["environment"]
+    assert token_env["AUTH_ANONYMOUS_PULL"] == "public/*"
 
     # The operator's own names are required, with a message saying so.
     missing = podman_compose("config-check", [COMPOSE], "config", env={"ACME_DOMAINS": ""})

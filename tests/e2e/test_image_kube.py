@@ -10,6 +10,7 @@ volumes, probes, security context) is what an operator applies.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -29,13 +30,35 @@ MANIFESTS = REPO / "compose" / "kubernetes"
 PLAY_TIMEOUT = 300
 
 
-def manifests() -> list[dict[str, Any]]:
-    """The documents of every file the kustomization lists, in its order."""
+def manifests(token_mode: bool = False) -> list[dict[str, Any]]:
+    """The documents of every file the kustomization lists, in its order; with
+    ``token_mode``, after uncommenting the token-mode lines as the comments say."""
     kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
     documents: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
-        documents += [d for d in yaml.safe_load_all((MANIFESTS / name).read_text()) if d]
+        text = (MANIFESTS / name).read_text()
+        if token_mode:
+            text = uncomment_yaml_items(text)
+        documents += [d for d in yaml.safe_load_all(text) if d]
     return documents
+
+
+def uncomment_yaml_items(text: str) -> str:
+    """Drop the ``#`` of commented-out list items (``#- ...``) and of their continuation
+    lines (``#  key: ...`` right after one); prose comments (``# Word``) stay."""
+    lines, in_item = [], False
+    for line in text.splitlines():
+        item = re.match(r"^(\s*)#(- .*)$", line)
+        more = re.match(r"^(\s*)#(  \S.*)$", line)
+        if item or (in_item and more):
+            match = item or more
+            assert match is not None
+            lines.append(match.group(1) + match.group(2))
+            in_item = True
+        else:
+            lines.append(line)
+            in_item = False
+    return "\n".join(lines) + "\n"
 
 
 def of_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -197,3 +220,20 @@ def test_kube_play_copy_differs_only_where_allowed(pebble):
         "ACME_DIRECTORY",
         "ACME_CA_BUNDLE",
     }
+
+
+def test_token_mode_lines_publish_the_token_port():
+    """Uncommented as their comments say, the token-mode lines set AUTH_MODE=token, give the
+    container a port named ``token`` (5001, TOKEN_ADDR's default) and publish it on the
+    Service as 5001, the port the default TOKEN_REALM names; nothing else changes."""
+    plain, token = manifests(), manifests(token_mode=True)
+    (container,) = of_kind(token, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert env_value(container, "AUTH_MODE") == "token"
+    assert {"name": "token", "containerPort": 5001} in container["ports"]
+    (service,) = of_kind(token, "Service")
+    assert {"name": "token", "port": 5001, "targetPort": "token"} in service["spec"]["ports"]
+    (plain_container,) = of_kind(plain, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert all(e["name"] != "AUTH_MODE" for e in plain_container["env"])
+    assert len(container["env"]) == len(plain_container["env"]) + 1
+    assert len(service["spec"]["ports"]) == len(of_kind(plain, "Service")[0]["spec"]["ports"]) + 1
+    assert of_kind(token, "PersistentVolumeClaim") == of_kind(plain, "PersistentVolumeClaim")
