@@ -21,7 +21,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import datapath, machine, port80, renewals, report, rotation, startup
+from bench import (
+    auth_pull,
+    auth_rate,
+    datapath,
+    machine,
+    port80,
+    renewals,
+    report,
+    rotation,
+    startup,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
@@ -61,7 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths"),
+        choices=("startup", "data", "renewal", "port80", "rotation_paths", "auth"),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -70,6 +80,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         help="registry binaries for the rotation-paths part (default: Debian's 2.8 and the "
         "3.x stand-in; add a 3.x binary to measure the real one)",
+    )
+    parser.add_argument(
+        "--auth-binary",
+        action="append",
+        default=[],
+        help="registry binaries for the auth part (default: Debian's 2.8; repeat to add a 3.x)",
+    )
+    parser.add_argument(
+        "--auth-seconds", type=float, default=10.0, help="seconds per auth mode and round"
+    )
+    parser.add_argument("--auth-rounds", type=int, default=3, help="rate rounds per auth mode")
+    parser.add_argument("--pull-rounds", type=int, default=5, help="docker pulls per auth mode")
+    parser.add_argument(
+        "--pull-layer-kib", type=int, default=1024, help="size of each of the 10 layers pulled"
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -81,6 +105,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.data_rounds, args.skopeo_rounds = 3, 3, 3
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
+        args.auth_seconds, args.auth_rounds, args.pull_rounds = 3.0, 1, 1
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
     for name in ("rounds", "data_rounds", "skopeo_rounds"):
@@ -93,7 +118,7 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths"]
+    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "auth"]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -154,6 +179,10 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     for i, binary in enumerate(binaries)
                 ],
             )
+        if "auth" in parts:
+            binaries = [Path(p) for p in args.auth_binary] or [auth_rate.REGISTRY_BINARY]
+            _log("auth: manifest GET rate and docker pull per authentication mode")
+            attempt("auth", lambda: _auth_part(workdir / "auth", binaries, args))
     except Exception as exc:  # setting up the shared paths failed: report what there is
         _log(f"setup: FAILED\n{traceback.format_exc()}")
         results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])
@@ -165,6 +194,41 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     results["seconds"] = time.monotonic() - started
     results["load_after"] = os.getloadavg()[0]
     return results
+
+
+def _auth_part(workdir: Path, binaries: list[Path], args: argparse.Namespace) -> list[Any]:
+    """Per registry binary: every auth mode up side by side, the rate, then docker pulls
+    (one Docker engine of the bench's own for all of them)."""
+    from tests.support.docker import remove_workdir, temporary_engine
+    from tests.support.tokenauth import NAME
+
+    runs = []
+    engine, engine_dir = temporary_engine([NAME])
+    try:
+        with engine:
+            for index, binary in enumerate(binaries):
+                with auth_rate.AuthPaths(workdir / f"paths-{index}", binary) as paths:
+                    connections = 4
+                    rates = auth_rate.run(
+                        paths, args.auth_seconds, args.auth_rounds, connections, _log
+                    )
+                    layer_bytes = args.pull_layer_kib * 1024
+                    pulls = auth_pull.run(engine, paths, args.pull_rounds, layer_bytes, _log)
+                    runs.append(
+                        {
+                            "version": paths.version,
+                            "binary": str(binary),
+                            "connections": connections,
+                            "seconds": args.auth_seconds,
+                            "rates": rates,
+                            "layers": auth_pull.LAYERS,
+                            "layer_bytes": layer_bytes,
+                            "pulls": pulls,
+                        }
+                    )
+    finally:
+        remove_workdir(engine_dir)
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

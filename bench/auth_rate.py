@@ -1,14 +1,30 @@
-"""Authenticated manifest GET rate: no auth, htpasswd (bcrypt cost 10 and 4), token mode.
+"""Authenticated manifest GET rate: no auth, htpasswd (bcrypt cost 10 and 4), token mode, and
+Caddy's basic_auth in front of the registry.
 
-Four registry processes (the Debian binary) share one storage directory holding a small
-image; each serves TLS on loopback with the same configuration apart from ``auth``. Token
-mode is the registry's ``auth.token`` with our token service (in this process) issuing the
-token once; the registry then checks the ES256 signature on every request. The client is
-``--connections`` curl processes, each one keep-alive HTTPS connection sending
-``GET /v2/bench/app/manifests/v1`` as fast as it is answered, for ``--seconds`` per mode;
-the modes run one after the other, ``--rounds`` times, in one run.
+:class:`AuthPaths` starts every way of serving one registry storage with or without
+authentication, side by side on loopback, each serving TLS for ``registry.test`` from one
+local CA:
+
+- ``none``, ``htpasswd cost 10``, ``htpasswd cost 4``: the registry binary serving TLS
+  itself, the same configuration apart from ``auth`` (an htpasswd file of one user);
+- ``token``: the registry's ``auth.token`` with our token service (in this process, as
+  tests.support.tokenauth runs it), the user's password hashed at cost 10;
+- ``Caddy basic_auth``: Caddy (TLS, ``basicauth`` with a cost-10 hash of the same password,
+  ``reverse_proxy``) in front of the registry binary on plain HTTP, exactly as Caddy 2.6's
+  Caddyfile adapter writes ``basicauth { bench <hash> }``: that includes ``hash_cache``,
+  which remembers a successful comparison per password and hash, so only the first request
+  of a client runs bcrypt;
+- ``Caddy basic_auth, no cache``: the same without ``hash_cache`` (JSON config only), one
+  bcrypt per request as the registry's htpasswd does.
+
+:func:`run` measures the rate: ``connections`` curl processes, each one keep-alive HTTPS
+connection sending ``GET /v2/bench/app/manifests/v1`` as fast as it is answered, for
+``seconds`` per mode; the modes run one after the other, ``rounds`` times, in one run. For
+token mode the token is fetched once; the registry then checks its ES256 signature per
+request. ``bench.auth_pull`` times ``docker pull`` on the same paths.
 
 Run: .venv/bin/python -m bench.auth_rate [--seconds 10] [--rounds 2] [--connections 4]
+     [--binary /opt/registry3/registry]
 
 The clients share the cores with the server, so absolute rates depend on the machine and
 whatever else runs; the ratios against no auth, measured in one run, are the point.
@@ -21,17 +37,21 @@ import base64
 import contextlib
 import http.client
 import json
+import socket
 import ssl
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
 
 import bcrypt
 
-from bench.setups import REGISTRY_BINARY, clean_env, registry_config, stop_process
+from bench.setups import CADDY_BINARY, REGISTRY_BINARY, clean_env, registry_config, stop_process
 from tests.support.clients import Skopeo
 from tests.support.oci import MANIFEST_MEDIA_TYPE, make_oci_image
 from tests.support.ports import free_ports
@@ -41,7 +61,31 @@ from tests.support.tokenauth import NAME, TokenStack
 USER = "bench"
 PASSWORD = "bench-Pa55word-for-the-rate-run"
 REPOSITORY = "bench/app"
-MODES = ("none", "htpasswd cost 10", "htpasswd cost 4", "token")
+PERSON_COST = 10  # the cost of a password a person chose (ours, and Caddy's here)
+NONE = "none"
+TOKEN = "token"
+CADDY = "Caddy basic_auth"
+CADDY_NO_CACHE = "Caddy basic_auth, no cache"
+MODES = (NONE, "htpasswd cost 10", "htpasswd cost 4", TOKEN, CADDY, CADDY_NO_CACHE)
+# The goal of issue 11: token mode at least this share of the rate without authentication.
+GOAL_TOKEN_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one mode is served and how a client authenticates to it."""
+
+    port: int
+    header: str | None  # the Authorization header a rate client sends
+    login: bool  # whether docker logs in (with USER / PASSWORD) before pulling
+
+
+def registry_version(binary: Path) -> str:
+    """``registry 2.8.2`` from the binary's ``--version`` (as bench.rotation names it)."""
+    from acme_registry.activation import binary_version, parse_version
+
+    version = parse_version(binary_version(str(binary)))
+    return f"registry {version.version}" if version else f"registry {binary.name}"
 
 
 def measure(
@@ -50,13 +94,15 @@ def measure(
     """(successful requests per second, failed requests) over ``connections`` clients.
 
     Each client is one curl process sending a million GETs (URL globbing) over one
-    keep-alive connection, stopped after ``seconds``; curl's per-transfer status lines are
-    the count (on stderr: unbuffered, so a SIGTERM loses none). curl is C: a Python client
-    would be the bottleneck, not the registry.
+    keep-alive connection to ``registry.test`` (resolved to 127.0.0.1: Caddy picks its
+    certificate by SNI), stopped after ``seconds``; curl's per-transfer status lines are the
+    count (on stderr: unbuffered, so a SIGTERM loses none). curl is C: a Python client would
+    be the bottleneck, not the registry.
     """
-    url = f"https://127.0.0.1:{port}/v2/{REPOSITORY}/manifests/v1?n=[1-1000000]"
+    url = f"https://{NAME}:{port}/v2/{REPOSITORY}/manifests/v1?n=[1-1000000]"
     command = [
         "curl", "-s", "--http1.1", "--cacert", str(root_file), "-o", "/dev/null",
+        "--resolve", f"{NAME}:{port}:127.0.0.1",
         "-w", "%{stderr}%{http_code}\\n", "-H", f"Accept: {MANIFEST_MEDIA_TYPE}",
     ]  # fmt: skip
     if header:
@@ -86,10 +132,17 @@ def measure(
 
 
 class _Registry:
-    """The registry binary with ``auth`` (or none), TLS from the shared CA."""
+    """The registry binary with ``auth`` (or none), TLS from the shared CA (or plain HTTP,
+    behind Caddy)."""
 
     def __init__(
-        self, workdir: Path, port: int, storage: Path, tls: Path, auth: dict[str, object] | None
+        self,
+        workdir: Path,
+        binary: Path,
+        port: int,
+        storage: Path,
+        tls: Path | None,
+        auth: dict[str, object] | None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         config = registry_config(port, storage, "bench-http-secret", tls)
@@ -101,93 +154,226 @@ class _Registry:
         self.log = workdir / "registry.log"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(REGISTRY_BINARY), "serve", str(path)],
+                [str(binary), "serve", str(path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "none"},
             )
 
-    def wait(self, root_pem: bytes, timeout: float = 20) -> None:
-        context = ssl.create_default_context(cadata=root_pem.decode())
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                https = http.client.HTTPSConnection("127.0.0.1", self.port, context=context)
-                https.request("GET", "/v2/")
-                https.getresponse().read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"registry not up:\n{self.log.read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.05)
-
     def stop(self) -> None:
         stop_process(self.proc)
 
 
-def run(workdir: Path, seconds: float, rounds: int, connections: int) -> dict[str, list[float]]:
-    ca = TestCA()
-    tls = workdir / "tls.pem"
-    tls.write_bytes(ca.issue([NAME]))
-    tls.chmod(0o600)
-    root_file = workdir / "ca.pem"
-    root_file.write_bytes(ca.pem)
-    storage = workdir / "storage"
-    ports = free_ports(3)
-    basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    registries: list[_Registry] = []
-    stack = TokenStack(
-        workdir / "token",
-        REGISTRY_BINARY,
-        users={USER: PASSWORD},
-        ttl=3600,
-        storage=storage,
-        ca=ca,
-        access_log=True,
-    )
-    try:
-        registries.append(_Registry(workdir / "none", ports[0], storage, tls, None))
-        for index, cost in ((1, 10), (2, 4)):
-            htpasswd = workdir / f"htpasswd-{cost}"
-            hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
-            htpasswd.write_text(f"{USER}:{hashed}\n")
-            auth = {"htpasswd": {"realm": "bench", "path": str(htpasswd)}}
-            registries.append(_Registry(workdir / f"cost{cost}", ports[index], storage, tls, auth))
-        for registry in registries:
-            registry.wait(ca.pem)
-        stack.start()
-        image = workdir / "image"
-        make_oci_image(image, tag="v1", size=4096)
-        skopeo = Skopeo(workdir / "skopeo", ca.pem, [NAME])
-        skopeo.push(image, "v1", f"{NAME}:{ports[0]}/{REPOSITORY}:v1")
-        token = stack.token(f"repository:{REPOSITORY}:pull", (USER, PASSWORD))
-        targets = {
-            "none": (ports[0], None),
-            "htpasswd cost 10": (ports[1], basic),
-            "htpasswd cost 4": (ports[2], basic),
-            "token": (stack.registry_port, f"Bearer {token}"),
+def caddy_config(
+    tls_file: Path, storage: Path, upstream_port: int, ports: dict[str, int], hashed: str
+) -> dict[str, Any]:
+    """Caddy's JSON config: one TLS server per entry of ``ports`` (``CADDY`` with the
+    Caddyfile adapter's ``hash_cache``, ``CADDY_NO_CACHE`` without), each ``basicauth`` then
+    ``reverse_proxy`` to the registry. The same as ``caddy adapt`` gives for a Caddyfile
+    site with ``tls CERT KEY``, ``basicauth { bench <hash> }`` and ``reverse_proxy``."""
+    servers = {}
+    for mode, port in ports.items():
+        basic: dict[str, Any] = {
+            "accounts": [{"username": USER, "password": hashed}],
+            "hash": {"algorithm": "bcrypt"},
         }
-        rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for _ in range(rounds):
-            for mode in MODES:
-                port, header = targets[mode]
-                rate, failed = measure(port, root_file, header, seconds, connections)
-                if failed:
-                    raise RuntimeError(f"{mode}: {failed} requests did not get 200")
-                rates[mode].append(rate)
-                print(f"  {mode}: {rate:,.0f} requests/s", flush=True)
-        return rates
-    finally:
-        for registry in registries:
+        if mode == CADDY:
+            basic["hash_cache"] = {}
+        servers[f"srv{len(servers)}"] = {
+            "listen": [f"127.0.0.1:{port}"],
+            "routes": [
+                {
+                    "handle": [
+                        {"handler": "authentication", "providers": {"http_basic": basic}},
+                        {
+                            "handler": "reverse_proxy",
+                            "upstreams": [{"dial": f"127.0.0.1:{upstream_port}"}],
+                        },
+                    ]
+                }
+            ],
+            "tls_connection_policies": [{}],
+            "automatic_https": {"disable": True},
+        }
+    return {
+        "admin": {"disabled": True},
+        "storage": {"module": "file_system", "root": str(storage)},
+        "apps": {
+            "http": {"servers": servers},
+            "tls": {
+                "certificates": {
+                    "load_files": [{"certificate": str(tls_file), "key": str(tls_file)}]
+                }
+            },
+        },
+    }
+
+
+class AuthPaths:
+    """Every mode of :data:`MODES` up on one storage holding ``bench/app:v1``."""
+
+    def __init__(self, workdir: Path, binary: Path = REGISTRY_BINARY) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.version = registry_version(binary)
+        self.ca = TestCA()
+        self.tls = workdir / "tls.pem"
+        self.root_file = workdir / "ca.pem"
+        self.storage = workdir / "storage"
+        self.targets: dict[str, Target] = {}
+        self._registries: list[_Registry] = []
+        self._upstream: _Registry | None = None
+        self._caddy: subprocess.Popen[bytes] | None = None
+        self._caddy_log: IO[bytes] | None = None
+        self.stack: TokenStack | None = None
+
+    def start(self) -> AuthPaths:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tls.write_bytes(self.ca.issue([NAME]))
+        self.tls.chmod(0o600)
+        self.root_file.write_bytes(self.ca.pem)
+        none_port, cost10_port, cost4_port, upstream, caddy, caddy_plain = free_ports(6)
+        basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        hashes = {
+            cost: bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
+            for cost in (PERSON_COST, 4)
+        }
+        self._registries.append(
+            _Registry(self.workdir / "none", self.binary, none_port, self.storage, self.tls, None)
+        )
+        self.targets[NONE] = Target(none_port, None, False)
+        for cost, port in ((PERSON_COST, cost10_port), (4, cost4_port)):
+            htpasswd = self.workdir / f"htpasswd-{cost}"
+            htpasswd.write_text(f"{USER}:{hashes[cost]}\n")
+            auth = {"htpasswd": {"realm": "bench", "path": str(htpasswd)}}
+            self._registries.append(
+                _Registry(
+                    self.workdir / f"cost{cost}", self.binary, port, self.storage, self.tls, auth
+                )
+            )
+            self.targets[f"htpasswd cost {cost}"] = Target(port, basic, True)
+
+        self.stack = TokenStack(
+            self.workdir / "token",
+            self.binary,
+            users={USER: PASSWORD},
+            ttl=3600,
+            storage=self.storage,
+            ca=self.ca,
+            access_log=True,
+        )
+        self.stack.hashes[USER] = hashes[PERSON_COST]  # a chosen password: cost 10, as ours
+        for registry in self._registries:
+            _wait_https(registry.port, self.ca.pem, registry.proc, registry.log)
+        self.stack.start()
+
+        self._upstream = _Registry(
+            self.workdir / "upstream", self.binary, upstream, self.storage, None, None
+        )
+        config = caddy_config(
+            self.tls,
+            self.workdir / "caddy-storage",
+            upstream,
+            {CADDY: caddy, CADDY_NO_CACHE: caddy_plain},
+            hashes[PERSON_COST],
+        )
+        config_path = self.workdir / "caddy.json"
+        config_path.write_text(json.dumps(config, indent=1))
+        self._caddy_log = (self.workdir / "caddy.log").open("ab")
+        self._caddy = subprocess.Popen(
+            [CADDY_BINARY, "run", "--config", str(config_path)],
+            stdout=self._caddy_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=clean_env(
+                HOME=str(self.workdir),
+                XDG_DATA_HOME=str(self.workdir / "xdg-data"),
+                XDG_CONFIG_HOME=str(self.workdir / "xdg-config"),
+            ),
+        )
+        for port in (caddy, caddy_plain):
+            _wait_https(port, self.ca.pem, self._caddy, self.workdir / "caddy.log")
+        self.targets[CADDY] = Target(caddy, basic, True)
+        self.targets[CADDY_NO_CACHE] = Target(caddy_plain, basic, True)
+
+        image = self.workdir / "image"
+        make_oci_image(image, tag="v1", size=4096)
+        skopeo = Skopeo(self.workdir / "skopeo", self.ca.pem, [NAME])
+        skopeo.push(image, "v1", f"{NAME}:{none_port}/{REPOSITORY}:v1")
+        token = self.stack.token(f"repository:{REPOSITORY}:pull", (USER, PASSWORD))
+        self.targets[TOKEN] = Target(self.stack.registry_port, f"Bearer {token}", True)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self._caddy)
+        if self._caddy_log is not None:
+            self._caddy_log.close()
+        if self._upstream is not None:
+            self._upstream.stop()
+        for registry in self._registries:
             registry.stop()
-        stack.stop()
+        if self.stack is not None:
+            self.stack.stop()
+
+    def __enter__(self) -> AuthPaths:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _wait_https(
+    port: int, root_pem: bytes, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30
+) -> None:
+    """Until ``GET /v2/`` on ``port`` answers at all over verified TLS (401 counts)."""
+    context = ssl.create_default_context(cadata=root_pem.decode())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            https = http.client.HTTPSConnection(NAME, port, context=context, timeout=5)
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            https.sock = context.wrap_socket(raw, server_hostname=NAME)
+            https.request("GET", "/v2/")
+            https.getresponse().read()
+            https.close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"nothing serving on port {port}:\n{tail}") from None
+            time.sleep(0.05)
+
+
+def run(
+    paths: AuthPaths, seconds: float, rounds: int, connections: int, log: Any = print
+) -> dict[str, list[float]]:
+    """Requests per second per mode, one value per round; a non-200 answer is an error."""
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(rounds):
+        for mode in MODES:
+            target = paths.targets[mode]
+            rate, failed = measure(
+                target.port, paths.root_file, target.header, seconds, connections
+            )
+            if failed:
+                raise RuntimeError(f"{mode}: {failed} requests did not get 200")
+            rates[mode].append(rate)
+            log(f"  {paths.version} {mode}: {rate:,.0f} requests/s")
+    return rates
 
 
 def table(rates: dict[str, list[float]]) -> str:
-    base = statistics.median(rates["none"])
+    base = statistics.median(rates[NONE])
     lines = ["| auth | requests/s (median) | rounds | vs no auth |", "|---|---|---|---|"]
     for mode in MODES:
         median = statistics.median(rates[mode])
@@ -201,9 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--binary", type=Path, default=REGISTRY_BINARY)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="auth-rate-") as tmp:
-        rates = run(Path(tmp), args.seconds, args.rounds, args.connections)
+    with (
+        tempfile.TemporaryDirectory(prefix="auth-rate-") as tmp,
+        AuthPaths(Path(tmp), args.binary) as paths,
+    ):
+        rates = run(paths, args.seconds, args.rounds, args.connections)
     print(table(rates))
     return 0
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import notes, port80
+from bench import auth_rate, notes, port80
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -383,9 +383,10 @@ def _setup_text(results: dict[str, Any]) -> str:
 - **bare registry**: the registry binary serving TLS itself with a fixed certificate from a
   local CA (no ACME).
 
-**Authentication is off on every path** (our product with `AUTH_MODE=none` and no
-`AUTH_USERS`; the registry behind Caddy and the bare registry without `auth`), so all paths
-run with the same setting. Every registry process is the same binary with the same
+**Authentication is off on every path of comparisons 1-7** (our product with `AUTH_MODE=none`
+and no `AUTH_USERS`; the registry behind Caddy and the bare registry without `auth`), so all
+paths run with the same setting; comparison 8 runs with authentication on, every mode side
+by side (the product's default is htpasswd). Every registry process is the same binary with the same
 configuration apart from TLS (default log level, access log on; ours adds two response
 headers). The registry's storage is one directory shared by all paths in comparisons 3-5.
 
@@ -506,6 +507,23 @@ def _goals(results: dict[str, Any]) -> str:
                     _verdict(run["refused"] == 0, f"{run['refused']} refused"),
                 )
             )
+    for run in results.get("auth", []):
+        rates = run["rates"]
+        share = med(rates["token"]) / med(rates["none"])
+        low, _ = ratio_interval(rates["token"], rates["none"])
+        rows.append(
+            (
+                f"Token mode's manifest GET rate, auth on ({run['version']})",
+                f">= {auth_rate.GOAL_TOKEN_SHARE} of no auth",
+                f"{med(rates['token']):,.0f} vs {med(rates['none']):,.0f} requests/s = "
+                f"{share:.2f} (htpasswd cost 10: "
+                f"{med(rates['htpasswd cost 10']) / med(rates['none']):.3f})",
+                _verdict(
+                    share >= auth_rate.GOAL_TOKEN_SHARE,
+                    f"{auth_rate.GOAL_TOKEN_SHARE - share:.2f} (95 % interval from {low:.2f})",
+                ),
+            )
+        )
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
 
 
@@ -972,6 +990,73 @@ def _paths(results: dict[str, Any], charts: dict[str, Path]) -> str:
     )
 
 
+def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    runs = results["auth"]
+    first = runs[0]
+    text = [
+        "Authentication on: every mode serves one registry storage side by side "
+        "(`bench/auth_rate.py`, `bench/auth_pull.py`). *none*, *htpasswd cost 10* and "
+        "*htpasswd cost 4*: the registry binary serving TLS itself with the same "
+        "configuration apart from `auth` (an htpasswd file of one user). *token*: the "
+        "registry's `auth.token` trusting our token service's signing certificate, the token "
+        "service running as the agent runs it (its own event loop, the same certificate), the "
+        "user's password hashed at cost 10 (a chosen password). *Caddy basic_auth*: Caddy "
+        "(TLS, `basicauth` with a cost-10 bcrypt hash of the same password, as for our "
+        "default, then `reverse_proxy` to the registry on plain HTTP), configured as Caddy "
+        "2.6's Caddyfile adapter writes `basicauth { bench <hash> }`, which includes "
+        "`hash_cache`: a successful comparison is remembered per password and hash, so only a "
+        "client's first request runs bcrypt. *Caddy basic_auth, no cache*: the same without "
+        "`hash_cache` (JSON config only), one bcrypt per request as the registry does.",
+        "",
+        f"Rate: {first['connections']} curl clients, each one keep-alive HTTPS connection "
+        "sending `GET /v2/bench/app/manifests/v1` (a 4 KiB image) as fast as it is answered, "
+        f"{first['seconds']:.0f} s per mode and round, the modes one after the other; every "
+        "answer must be 200. Token mode sends one token fetched beforehand (the registry "
+        "checks its ES256 signature per request). docker pull: the real Docker engine "
+        "(20.10, dockerd of the bench's own, host network, the local CA trusted through its "
+        "`certs.d`), `docker login` once per authenticated path (token mode: docker keeps the "
+        f"token service's refresh token), then `docker pull` of a {first['layers']}-layer "
+        f"image ({first['layers']} x {first['layer_bytes'] // 1024} KiB random layers), "
+        "removed before every pull so each downloads and extracts every layer again "
+        "(about 15 registry requests; the vfs storage driver's copies are part of the time), "
+        "the modes in alternating order. The clients share the machine's cores with the "
+        "servers: compare the ratios of one run, not absolute rates across machines.",
+    ]
+    for run in runs:
+        rates, pulls = run["rates"], run["pulls"]
+        base_rate, base_pull = med(rates["none"]), med(pulls["none"])
+        rows = []
+        for mode in auth_rate.MODES:
+            rows.append(
+                (
+                    mode,
+                    f"{med(rates[mode]):,.0f}",
+                    ", ".join(f"{r:,.0f}" for r in rates[mode]),
+                    f"{med(rates[mode]) / base_rate:.3f}",
+                    spread(pulls[mode], lambda v: f"{v:.2f} s"),
+                    f"{med(pulls[mode]) / base_pull:.2f}",
+                )
+            )
+        text += [
+            "",
+            f"**{run['version']}** (`{run['binary']}`):",
+            "",
+            table(
+                (
+                    "auth",
+                    "manifest GET/s (median)",
+                    "rounds",
+                    "vs no auth",
+                    "docker pull (median, min-max)",
+                    "pull time vs no auth",
+                ),
+                rows,
+                "lrrrrr",
+            ),
+        ]
+    return "\n".join(text)
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -998,6 +1083,7 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("memory_idle", "5. Memory and image", _memory),
         ("port80", "6. Port 80 under idle connections", _port80),
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
+        ("auth", "8. Authentication on: manifest GET rate and docker pull", _auth),
     ]
     for key, title, section in sections:
         if key in results:
