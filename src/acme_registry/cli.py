@@ -20,8 +20,16 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments (an unknown grant flag such as ``--write``) get one line naming them and
+    exit 2, like any other bad input, instead of argparse's usage block."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="acme-registry", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="acme-registry", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(
         dest="command",
         required=True,

@@ -196,6 +196,18 @@ INVALID = [
         "policy.yml:3:",
     ),
     (
+        "policy file not YAML",
+        {"AUTH_MODE": "token", "AUTH_POLICY_FILE": "@brokenyaml"},
+        "AUTH_POLICY_FILE",
+        "broken.yml:2:",
+    ),
+    (
+        "policy file unknown action",
+        {"AUTH_MODE": "token", "AUTH_POLICY_FILE": "@unknownaction"},
+        "AUTH_POLICY_FILE",
+        "action.yml:3: users.ci: unknown key 'write'",
+    ),
+    (
         "anonymous pattern",
         {"AUTH_MODE": "token", "AUTH_ANONYMOUS_PULL": "Public/*"},
         "AUTH_ANONYMOUS_PULL",
@@ -216,6 +228,10 @@ def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, va
     not_pem.write_text("hello\n")
     bad_policy = tmp_path / "policy.yml"
     bad_policy.write_text("users:\n  ci:\n    pull: ['Team/*']\n")
+    broken_yaml = tmp_path / "broken.yml"
+    broken_yaml.write_text("users: {ci: {pull: x}\n")
+    unknown_action = tmp_path / "action.yml"
+    unknown_action.write_text("users:\n  ci:\n    write: ['team/*']\n")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep").write_text("operator file\n")
     for name, value in changes.items():
@@ -225,6 +241,8 @@ def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, va
             env[name] = (
                 value.replace("@notpem", str(not_pem))
                 .replace("@badpolicy", str(bad_policy))
+                .replace("@brokenyaml", str(broken_yaml))
+                .replace("@unknownaction", str(unknown_action))
                 .replace("@registryaddr", env["REGISTRY_HTTP_ADDR"])
             )
     before = snapshot(tmp_path / "certs", tmp_path / "data")
@@ -238,6 +256,16 @@ def test_invalid_configuration_exits_2_and_touches_nothing(tmp_path, changes, va
     assert fragment in lines[0]
     assert result.stdout == ""
     assert snapshot(tmp_path / "certs", tmp_path / "data") == before
+
+
+def test_an_unknown_grant_flag_is_one_line_exit_2(tmp_path):
+    env = {**base_env(tmp_path), "AUTH_MODE": "token"}
+    result = run_cli(env, "user", "add", "ci", "--write", "team/*")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--write" in lines[0], result.stderr
+    assert lines[0].startswith("acme-registry: unrecognized arguments: --write")
+    assert not (tmp_path / "data").exists()
 
 
 def test_secret_is_not_echoed_in_the_error(tmp_path):

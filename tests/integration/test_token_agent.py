@@ -8,6 +8,8 @@ the metrics, and the token service following a certificate renewal.
 from __future__ import annotations
 
 import base64
+import json
+import os
 import socket
 import ssl
 import subprocess
@@ -136,6 +138,13 @@ def test_token_mode_through_the_agent(tmp_path, pebble_factory, registry_binary,
         bad = user_cli(agent, "add", "extra", "--pull", "Bad/*", stdin="x-Pa55word\n")
         assert bad.returncode == 2 and "--pull" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
+        # The policy file edited while running: the next token follows it, no restart.
+        policy = tmp_path / "policy.yml"
+        policy.write_text(POLICY + '    push: ["nodes/*"]\n')
+        later = policy.stat().st_mtime + 5  # an mtime change, whatever the clock's grain
+        os.utime(policy, (later, later))
+        node.push(oci_image, "v1", ref(agent, "nodes/app"))
+
         # A renewal while logged in: the token service moves onto the new certificate.
         renewed = agent.cli("renew", timeout=120)
         assert renewed.returncode == 0, renewed.stderr + agent.log()
@@ -150,12 +159,19 @@ def test_token_mode_through_the_agent(tmp_path, pebble_factory, registry_binary,
         assert fingerprint(served(agent, pebble)) == fingerprint(new_leaf)
         ci.pull(ref(agent, "team/app"), tmp_path / "ci-after-renewal", "v1")
         ci.push(oci_image, "v1", ref(agent, "team/app", "v3"))
+        status = agent.cli("status")
+        assert status.returncode == 0, status.stderr
+        shown = status.stdout + status.stderr
     finally:
         assert agent.stop() == 0
     log = agent.log()
-    for secret in (*PASSWORDS.values(), "extra-Pa55word", "not-the-password"):
-        assert secret not in log
     keyring = agent.data_dir / "token" / "keyring.json"
+    ring = json.loads(keyring.read_text())
+    key_body = "".join(ring["current"]["key"].strip().splitlines()[1:-1])
+    for secret in (*PASSWORDS.values(), "extra-Pa55word", "not-the-password"):
+        assert secret not in log and secret not in shown
+    for material in (key_body[:40], ring["refresh_secret"]):  # the signing key, the HMAC key
+        assert material not in log and material not in shown
     assert keyring.stat().st_mode & 0o777 == 0o600
     assert b"BEGIN CERTIFICATE" in (agent.data_dir / "registry" / "token-roots.pem").read_bytes()
 

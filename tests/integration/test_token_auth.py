@@ -27,6 +27,7 @@ from acme_registry.tokens import Keyring, SigningKey, access_claims
 from acme_registry.tokenservice import PasswordChecker
 from tests.support.load import image_digests
 from tests.support.oci import MANIFEST_MEDIA_TYPE
+from tests.support.podman_client import PodmanClient
 from tests.support.tls import TestCA
 from tests.support.tokenauth import ISSUER, NAME, TokenStack
 
@@ -75,6 +76,35 @@ def test_push_pull_and_denied_push(stack: TokenStack, oci_image: Path, tmp_path:
     # A user without grants anywhere may do everything (htpasswd's behaviour).
     stack.skopeo(tmp_path / "admin", creds("admin")).push(oci_image, "v1", stack.ref("misc/x"))
     assert stack.counters.issued > 0
+
+
+def test_podman_login_push_pull_and_denied_push(
+    stack: TokenStack, oci_image: Path, tmp_path: Path
+) -> None:
+    """podman, a client of its own (containers/image, stored logins): `podman login` at the
+    token service, push and pull, a pull-only user denied a push, anonymous pull."""
+    registry = f"{NAME}:{stack.registry_port}"
+    with PodmanClient(tmp_path / "podman", stack.ca.pem, [NAME]) as client:
+        wrong = client.login(registry, "ci", "not-the-password", check=False)
+        assert wrong.returncode != 0
+        login = client.login(registry, "ci", USERS["ci"])
+        assert "Login Succeeded" in login.stdout, login.stdout + login.stderr
+        team, public = f"{registry}/team/app:v1", f"{registry}/public/app:v1"
+        client.load_oci(oci_image, "v1", team)
+        client.run("tag", team, public)
+        client.push(team)
+        client.push(public)
+
+        client.login(registry, "node", USERS["node"])
+        client.remove(team)
+        client.pull(team)
+        denied = client.push(team, check=False)
+        assert denied.returncode != 0 and "denied" in denied.stderr.lower(), denied.stderr
+
+        client.logout(registry)
+        client.remove(public)
+        client.pull(public)  # anonymous, on the public pattern
+        assert client.pull(team, check=False).returncode != 0
 
 
 def test_anonymous_pull_only_where_public(
