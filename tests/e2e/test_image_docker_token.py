@@ -1,16 +1,26 @@
 """Token mode in the image, with the real Docker engine and its CLI: `docker login` at the
 token service, a push-and-pull user, a pull-only user denied a push, anonymous pull of a
-public repository. On the host network, as test_image_docker.py explains."""
+public repository, and a certificate renewal while logged in. On the host network, as
+test_image_docker.py explains."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.common import CA_IN_CONTAINER, NAME, acme_env, one_file_tarball, served
+from tests.e2e.common import (
+    CA_IN_CONTAINER,
+    NAME,
+    acme_env,
+    fingerprint,
+    one_file_tarball,
+    served,
+)
+from tests.support.clients import wait_for_tls
 from tests.support.docker import DockerEngine
 from tests.support.pebble import Pebble
 from tests.support.ports import free_ports
@@ -81,6 +91,28 @@ def test_token_mode_with_docker_login(
     login("ci")
     docker("push", team)
     docker("push", public)
+
+    # A renewal while logged in: docker keeps the token service's refresh token, the token
+    # service and the registry move onto the new certificate, and docker goes on without a
+    # new login (its next token comes from the refresh token, over the new certificate).
+    stored = json.loads((docker_engine.client_config / "config.json").read_text())
+    assert stored["auths"][registry].get("identitytoken"), "docker stored no refresh token"
+    before = fingerprint(served(token_port, pebble))
+    renewed = docker("exec", CONTAINER, "acme-registry", "renew", timeout=180)
+    assert renewed.returncode == 0, renewed.stderr
+    accept = lambda cert: fingerprint(cert) != before  # noqa: E731
+    new_token_leaf = wait_for_tls(
+        "127.0.0.1", token_port, NAME, pebble.root_pem(), 60, accept=accept
+    )
+    new_registry_leaf = wait_for_tls(
+        "127.0.0.1", registry_port, NAME, pebble.root_pem(), 60, accept=accept
+    )
+    assert fingerprint(new_token_leaf) == fingerprint(new_registry_leaf)
+    after_renewal = f"{registry}/team/app:after-renewal"
+    docker("tag", team, after_renewal)
+    docker("push", after_renewal)
+    docker("image", "rm", "--force", after_renewal)
+    docker("pull", after_renewal)
 
     login("node")
     docker("image", "rm", "--force", team)
