@@ -88,9 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="registry binaries for the auth part (default: Debian's 2.8; repeat to add a 3.x)",
     )
     parser.add_argument(
-        "--auth-seconds", type=float, default=10.0, help="seconds per auth mode and round"
+        "--auth-seconds", type=float, default=5.0, help="seconds per auth mode and round"
     )
-    parser.add_argument("--auth-rounds", type=int, default=3, help="rate rounds per auth mode")
+    parser.add_argument("--auth-rounds", type=int, default=6, help="rate rounds per auth mode")
     parser.add_argument("--pull-rounds", type=int, default=5, help="docker pulls per auth mode")
     parser.add_argument(
         "--pull-layer-kib", type=int, default=1024, help="size of each of the 10 layers pulled"

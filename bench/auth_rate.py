@@ -19,7 +19,8 @@ local CA:
 
 :func:`run` measures the rate: ``connections`` curl processes, each one keep-alive HTTPS
 connection sending ``GET /v2/bench/app/manifests/v1`` as fast as it is answered, for
-``seconds`` per mode; the modes run one after the other, ``rounds`` times, in one run. For
+``seconds`` per mode; the modes run one after the other (in alternating order), ``rounds``
+times, in one run. For
 token mode the token is fetched once; the registry then checks its ES256 signature per
 request. ``bench.auth_pull`` times ``docker pull`` on the same paths.
 
@@ -359,8 +360,9 @@ def run(
 ) -> dict[str, list[float]]:
     """Requests per second per mode, one value per round; a non-200 answer is an error."""
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode in MODES:
+    for index in range(rounds):
+        # Alternating order (A B C ..., then ... C B A): drift on a busy machine hits all alike.
+        for mode in MODES if index % 2 == 0 else tuple(reversed(MODES)):
             target = paths.targets[mode]
             rate, failed = measure(
                 target.port, paths.root_file, target.header, seconds, connections
