@@ -246,8 +246,8 @@ def _auth(results: dict[str, Any]) -> list[str]:
             f"{r.med(pulls['htpasswd cost 10']):.2f} s with htpasswd at cost 10 "
             f"({r.med(pulls[auth_rate.CADDY_NO_CACHE]):.2f} s through Caddy without its "
             "cache): a pull is 14 requests, so per-request hashing adds a fixed cost per "
-            "pull rather than capping it; differences of a tenth of a second between the other "
-            "modes are within this machine's noise."
+            "pull rather than capping it; read the other modes' differences against the "
+            "min-max spread in the table."
         )
     return lines
 

@@ -1018,7 +1018,8 @@ def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "2.6's Caddyfile adapter writes `basicauth { bench <hash> }`, which includes "
         "`hash_cache`: a successful comparison is remembered per password and hash, so only a "
         "client's first request runs bcrypt. *Caddy basic_auth, no cache*: the same without "
-        "`hash_cache` (JSON config only), one bcrypt per request as the registry does.",
+        "`hash_cache` (JSON config only), one bcrypt per request as the registry does. "
+        "(Caddy 2.6 spells the directive `basicauth`; later releases call it `basic_auth`.)",
         "",
         f"Rate: {first['connections']} curl clients, each one keep-alive HTTPS connection "
         "sending `GET /v2/bench/app/manifests/v1` (a 4 KiB image) as fast as it is answered, "
@@ -1036,6 +1037,15 @@ def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "the modes in alternating order. The clients share the machine's cores with the "
         "servers: compare the ratios of one run, not absolute rates across machines.",
     ]
+    load, cores = results["machine"]["load_before"], results["machine"]["nproc"]
+    # The load after the run counts the benchmark's own clients and servers; before, others'.
+    if load > cores:
+        text += [
+            "",
+            f"**A busy machine**: the load average was {load:.1f} before this run on {cores} "
+            "cores, so other work took CPU from servers and clients alike: treat single "
+            "ratios with care and look at the spread of the rounds.",
+        ]
     for run in runs:
         rates, pulls = run["rates"], run["pulls"]
         base_rate, base_pull = med(rates["none"]), med(pulls["none"])
