@@ -88,6 +88,9 @@ def test_without_users_an_initial_admin_is_created_once(tmp_path, pebble_factory
         password = password_file.read_text().strip()
         assert password_file.stat().st_mode & 0o777 == 0o600
         assert registry_get(agent, pebble, tmp_path, ("admin", password)).ok
+        # The generated admin password (192 bits) is hashed at cost 4, as the agent wrote it.
+        hashes = parse_htpasswd((agent.data_dir / "auth" / "htpasswd").read_text())
+        assert hash_cost(hashes["admin"]) == 4
     finally:
         agent.stop()
     assert password not in agent.log()
