@@ -335,7 +335,7 @@ class Issuer:
             dns = self.settings.dns
             if dns is None or dns.provider is None:
                 raise IssuanceError("DNS_PROVIDER: not configured", FailureReason.DNS)
-            self._dns_provider = provider_for(dns.provider)
+            self._dns_provider = provider_for(dns.provider, dns.propagation.resolvers)
         return self._dns_provider
 
     def _answer_dns01(

@@ -3,6 +3,7 @@ BIND, nothing answering HTTP-01, so only the records the agent wrote can prove t
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import urllib.request
@@ -28,11 +29,16 @@ from tests.support.ports import free_port
 ZONE = "example.test"
 NAMES = f"{ZONE},*.{ZONE}"
 RECORD = f"_acme-challenge.{ZONE}"
+# "No such record" may be cached for min(the SOA's TTL, its minimum) = min(60, 600).
+NEGATIVE_TTL = 60
+OTHER_RECORD_TTL = 900
 
 
 @pytest.fixture
 def bind(tmp_path: Path) -> Iterator[BindServer]:
-    zone = TestZone(ZONE, ("127.0.0.1",))
+    # TTLs longer than dns-persist-01's 30 s: the agent's next look waits for them. (Nothing
+    # here caches: the agent and Pebble ask this BIND directly.)
+    zone = TestZone(ZONE, ("127.0.0.1",), negative_ttl=600)
     (server,) = start_bind_servers(tmp_path / "bind", zone, free_dns_port(["127.0.0.1"]))
     yield server
     server.stop()
@@ -174,6 +180,11 @@ def test_dns01_provider_failure_is_reason_dns_and_leaves_no_record(
 PERSIST_RECORD = f"_validation-persist.{ZONE}."
 
 
+def seconds_to_next_check(status_answer: dict) -> float:
+    due = dt.datetime.fromisoformat(status_answer["next_check"])
+    return (due - dt.datetime.now(dt.UTC)).total_seconds()
+
+
 def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
     tmp_path, pebble, bind, registry_binary
 ):
@@ -202,6 +213,8 @@ def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
         assert result.stdout.endswith("}\n") and result.stdout.count("\n") == 1
         assert f'create TXT {PERSIST_RECORD} "{value}"' in problem
         assert answer["backoff"]["failures"] == 0 and answer["certificate"] is None
+        # Checked again after the answer's TTL (the zone's negative TTL), not after 30 s.
+        assert NEGATIVE_TTL - 25 < seconds_to_next_check(answer) <= NEGATIVE_TTL, answer
         ready = agent.cli("health", "--ready")
         assert ready.returncode == 1 and PERSIST_RECORD in ready.stdout, ready.stdout
         plain = agent.cli("dns-persist-record")
@@ -209,11 +222,14 @@ def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
 
         # A record for another account: refused the same way, still no order.
         other = "pebble.letsencrypt.org; accounturi=https://127.0.0.1/my-account/1; policy=wildcard"
-        bind.add_txt(PERSIST_RECORD, other)
+        bind.add_txt(PERSIST_RECORD, other, ttl=OTHER_RECORD_TTL)
         renew = agent.cli("renew", timeout=120)
         assert renew.returncode == 1 and "names another ACME account" in renew.stderr, renew
         assert pebble.orders_created() == 0
-        assert json.loads(agent.cli("status", "--json").stdout)["backoff"]["failures"] == 0
+        answer = json.loads(agent.cli("status", "--json").stdout)
+        assert answer["backoff"]["failures"] == 0
+        # The next look waits for the record's own TTL.
+        assert OTHER_RECORD_TTL - 60 < seconds_to_next_check(answer) <= OTHER_RECORD_TTL, answer
 
         # The record, created once: the certificate follows.
         bind.delete_txt(PERSIST_RECORD, other)
