@@ -33,6 +33,9 @@ RECORD = f"_acme-challenge.{ZONE}"
 # Two authoritative servers on distinct loopback addresses and one port. The second one is
 # ::1 rather than 127.0.0.2: named only listens on addresses an interface has, and lo has
 # 127.0.0.1/8 and ::1, so this needs no change to the machine's network configuration.
+# (Tried with BIND 9.18: `listen-on port P { 127.0.0.2; };` starts named, loads the zone and
+# binds nothing, though a plain socket can bind 127.0.0.2; the other way, a network
+# namespace with 127.0.0.2 on its lo, would need Pebble and the agent inside it too.)
 ADDRESSES = ("127.0.0.1", "::1")
 
 
