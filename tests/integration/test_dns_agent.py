@@ -74,7 +74,7 @@ def dns_agent(
         registry_binary=registry_binary,
         # The test zone is only on this BIND: ask it, not the authoritative servers on 53.
         DNS_PROPAGATION_CHECK="resolvers",
-        DNS_RESOLVERS=bind.server,
+        DNS_RESOLVERS=extra.pop("DNS_RESOLVERS", bind.server),
         **extra,
     )
     return AgentProcess(tmp_path / "agent", env).start()
@@ -440,3 +440,37 @@ def test_dns01_agent_waits_for_every_authoritative_server_on_port_53(tmp_path, r
         pebble.stop()
         first.stop()
         second.stop()
+
+
+def test_dns01_record_that_never_becomes_visible_fails_with_reason_dns_and_is_removed(
+    tmp_path, pebble, bind, registry_binary
+):
+    """A failed order cleans up what it added: the only resolver asked is a second server of
+    the zone that never gets the record, so the propagation check times out; the record the
+    agent wrote on the first server is removed, and the CA was never asked to validate."""
+    (lagging,) = start_bind_servers(tmp_path / "lagging", bind.zone, free_dns_port(["127.0.0.1"]))
+    settings = rfc2136_settings(bind)
+    try:
+        agent = dns_agent(
+            tmp_path,
+            pebble,
+            bind,
+            registry_binary,
+            **{**settings, "DNS_RESOLVERS": lagging.server, "DNS_PROPAGATION_TIMEOUT": "3"},
+        )
+        try:
+            answer = wait_for_status(agent, lambda a: a["backoff"]["failures"] >= 1, timeout=90)
+            error = answer["backoff"]["last_error"]
+            assert "TXT records not visible after 3 s" in error, answer
+            assert lagging.server in error
+            metrics = urllib.request.urlopen(f"{agent.admin_url}/metrics", timeout=10)
+            assert 'acme_registry_renewal_failures_total{reason="dns"} 1' in metrics.read().decode()
+            assert bind.txt(RECORD) == set()  # both values removed from the first server
+            assert not (agent.data_dir / "orders" / "dns01-records.json").exists()
+            # The challenge was never answered: no POST to a challenge URL reached Pebble.
+            assert pebble.orders_created() == 1
+            assert "POST /chalZ/" not in pebble.log_text()
+        finally:
+            agent.stop()
+    finally:
+        lagging.stop()
