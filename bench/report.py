@@ -998,9 +998,12 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "",
         _machine(results),
         "",
-        "## What runs",
-        "",
-        _setup_text(results),
+        *(
+            ["## What runs", "", _setup_text(results)]
+            # It describes comparisons 1-5; the other parts say what they run themselves.
+            if any(k in results for k in ("startup", "data", "renewal", "memory_idle"))
+            else []
+        ),
         "## Goals",
         "",
         _goals(results),
