@@ -176,9 +176,37 @@ def test_dns01_provider_failure_is_reason_dns_and_leaves_no_record(
         assert 'acme_registry_renewal_failures_total{reason="dns"} 1' in metrics, metrics
         assert bind.txt(RECORD) == set()
         assert not (agent.data_dir / "orders" / "dns01-records.json").exists()
+        assert bind.zone.key.secret not in json.dumps(answer)
     finally:
         agent.stop()
     assert bind.zone.key.secret not in agent.log()
+
+
+def test_dns01_exec_hook_failure_reaches_the_log_and_status(
+    tmp_path, pebble, bind, registry_binary
+):
+    hook = tmp_path / "failing-hook"
+    hook.write_text("#!/bin/sh\necho 'provider API: 403 token lacks zone:edit' >&2\nexit 3\n")
+    hook.chmod(0o755)
+    agent = dns_agent(
+        tmp_path,
+        pebble,
+        bind,
+        registry_binary,
+        ACME_CHALLENGE="dns-01",
+        DNS_PROVIDER="exec",
+        DNS_EXEC_COMMAND=str(hook),
+    )
+    try:
+        answer = wait_for_status(agent, lambda a: a["backoff"]["failures"] >= 1)
+        error = answer["backoff"]["last_error"]
+        expected = f"{hook} present {RECORD}.: exit status 3: provider API: 403 token lacks"
+        assert expected in error, answer
+        assert expected in agent.log()
+        metrics = urllib.request.urlopen(f"{agent.admin_url}/metrics", timeout=10).read().decode()
+        assert 'acme_registry_renewal_failures_total{reason="dns"} 1' in metrics, metrics
+    finally:
+        agent.stop()
 
 
 PERSIST_RECORD = f"_validation-persist.{ZONE}."
