@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import datapath, machine, port80, renewals, report, rotation, startup
+from bench import datapath, dns, machine, port80, renewals, report, rotation, startup
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
+REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare", "named")
 
 
 def _log(message: str) -> None:
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths"),
+        choices=("startup", "data", "renewal", "port80", "rotation_paths", "dns"),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -71,6 +71,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="registry binaries for the rotation-paths part (default: Debian's 2.8 and the "
         "3.x stand-in; add a 3.x binary to measure the real one)",
     )
+    parser.add_argument(
+        "--dns-rounds",
+        type=int,
+        default=5,
+        help="cold starts per path in the dns part (certbot's default path sleeps 60 s each)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--charts", type=Path, default=REPO / "docs", help="PNG directory")
@@ -79,11 +85,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.data_rounds, args.skopeo_rounds = 3, 3, 3
+        args.rounds, args.data_rounds, args.skopeo_rounds, args.dns_rounds = 3, 3, 3, 3
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
-    for name in ("rounds", "data_rounds", "skopeo_rounds"):
+    for name in ("rounds", "data_rounds", "skopeo_rounds", "dns_rounds"):
         if getattr(args, name) < 3 and not args.from_json:
             parser.error(f"--{name.replace('_', '-')} must be at least 3")
     return args
@@ -91,9 +97,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    if "dns" in (args.only or ["dns"]) and not dns.certbot_plugin_installed():
+        missing.append("python3-certbot-dns-rfc2136")
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths"]
+    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "dns"]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -154,6 +162,9 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     for i, binary in enumerate(binaries)
                 ],
             )
+        if "dns" in parts:
+            _log(f"dns: {args.dns_rounds} rounds of http-01 / dns-01 / certbot's rfc2136 plugin")
+            attempt("dns", lambda: dns.run(workdir / "dns", args.dns_rounds, _log))
     except Exception as exc:  # setting up the shared paths failed: report what there is
         _log(f"setup: FAILED\n{traceback.format_exc()}")
         results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])

@@ -345,6 +345,10 @@ def _machine(results: dict[str, Any]) -> str:
         ("registry (Debian `docker-registry`)", v.get("docker-registry", "-")),
         ("Caddy (Debian `caddy`)", v.get("caddy", "-")),
         ("certbot (Debian `certbot`)", v.get("certbot", "-")),
+        (
+            "certbot's RFC 2136 plugin / BIND (Debian)",
+            f"{v.get('python3-certbot-dns-rfc2136', '-')} / {v.get('bind9', '-')}",
+        ),
         ("Pebble (Debian bookworm)", v.get("pebble", "-")),
         (
             "Pebble (Debian sid, Caddy's short certificates)",
@@ -506,6 +510,10 @@ def _goals(results: dict[str, Any]) -> str:
                     _verdict(run["refused"] == 0, f"{run['refused']} refused"),
                 )
             )
+    if "dns" in results:
+        from bench import dns
+
+        rows.append(dns.goal_row(results))
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
 
 
@@ -972,6 +980,12 @@ def _paths(results: dict[str, Any], charts: dict[str, Path]) -> str:
     )
 
 
+def _dns(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    from bench import dns  # it renders with this module's helpers
+
+    return dns.section(results)
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -984,9 +998,12 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "",
         _machine(results),
         "",
-        "## What runs",
-        "",
-        _setup_text(results),
+        *(
+            ["## What runs", "", _setup_text(results)]
+            # It describes comparisons 1-5; the other parts say what they run themselves.
+            if any(k in results for k in ("startup", "data", "renewal", "memory_idle"))
+            else []
+        ),
         "## Goals",
         "",
         _goals(results),
@@ -998,6 +1015,7 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("memory_idle", "5. Memory and image", _memory),
         ("port80", "6. Port 80 under idle connections", _port80),
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
+        ("dns", "8. DNS validation: dns-01 against http-01 and certbot's RFC 2136 plugin", _dns),
     ]
     for key, title, section in sections:
         if key in results:
