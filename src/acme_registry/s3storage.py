@@ -127,6 +127,18 @@ class S3Storage(Storage):
         self.client = client if client is not None else make_client(location)
         # Set by probe_conditional_writes; True until a probe finds otherwise.
         self.conditional_delete = True
+        # Whether the conditions were probed; the first conditional write probes if not
+        # (a store down when the agent started is probed once it answers).
+        self.probed = False
+        self._probe_guard = threading.Lock()
+
+    def ensure_safe(self) -> None:
+        """Probe the conditions once (:class:`StoreUnsafe` if ignored)."""
+        if self.probed:
+            return
+        with self._probe_guard:
+            if not self.probed:
+                probe_conditional_writes(self)
 
     # -- keys and errors ---------------------------------------------------------------
 
@@ -220,6 +232,8 @@ class S3Storage(Storage):
     ) -> str:
         if if_absent and if_version is not None:
             raise ValueError("store: if_absent and if_version exclude each other")
+        if if_absent or if_version is not None:
+            self.ensure_safe()
         if if_version is not None:
             return self._put(key, data, IfMatch=if_version)
         if not if_absent:
@@ -237,6 +251,7 @@ class S3Storage(Storage):
         if if_version is None:
             self._delete(key)
             return
+        self.ensure_safe()
         if self.conditional_delete:
             self._delete(key, IfMatch=if_version)
             return
@@ -281,6 +296,7 @@ class S3Storage(Storage):
     ) -> S3Lock:
         """Wait for the lock; ``keep_alive`` renews it from a thread every third of the
         lease until it is released (off only in tests that play a silent holder)."""
+        self.ensure_safe()
         held = S3Lock(self, name, holder or new_holder_id(), lease)
         held.acquire(timeout)
         if keep_alive:
@@ -449,6 +465,7 @@ def probe_conditional_writes(storage: S3Storage) -> None:
         storage.conditional_delete = _deletes_conditionally(storage, key)
         if not storage.conditional_delete:
             log.info("the S3 server at %s has no conditional DELETE: using tombstones", where)
+        storage.probed = True
     finally:
         storage._delete(key)
 
