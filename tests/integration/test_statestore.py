@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from acme_registry.statecrypt import EncryptedStorage
 from acme_registry.statestore import open_storage
 from acme_registry.storage import FileStorage, StoreUnsafe
 from tests.support.careless_s3 import CarelessS3
+from tests.support.ports import free_port
 
 BASE = {"ACME_DOMAINS": "registry.example.com", "REGISTRY_BINARY": "/bin/sh"}
 ACCOUNT_KEY = statekeys.account_key("0123456789abcdef")
@@ -139,3 +141,41 @@ def test_a_store_down_at_start_is_probed_at_the_first_conditional_write(
     server.start()
     storage.store(statekeys.HTTP_SECRET, b"s", if_absent=True)
     assert storage.inner.probed is True
+
+
+def test_run_refuses_a_store_that_ignores_conditions(tmp_path, state_key_file, registry_binary):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "ACME_DOMAINS": "registry.test",
+        "ACME_DIRECTORY": f"https://127.0.0.1:{free_port()}/dir",
+        "ACME_HTTP_PORT": str(free_port()),
+        "ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+        "CERT_DIR": str(tmp_path / "certs"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "REGISTRY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "REGISTRY_BINARY": str(registry_binary),
+        "AUTH_MODE": "none",
+    }
+    with CarelessS3() as careless:
+        env.update(
+            STATE_STORE="s3",
+            STATE_S3_ENDPOINT=careless.endpoint,
+            STATE_S3_BUCKET="state",
+            STATE_S3_ACCESS_KEY="any",
+            STATE_S3_SECRET_KEY="any",
+            STATE_ENCRYPTION_KEY_FILE=str(state_key_file),
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "acme_registry", "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    refusal = [line for line in result.stderr.splitlines() if "refusing to run" in line]
+    assert refusal == [
+        f"acme-registry: the S3 server at {careless.endpoint} ignores If-None-Match: "
+        "refusing to run (STATE_STORE=s3)"
+    ], result.stderr
