@@ -103,6 +103,10 @@ def make_client(
     return session.client("s3", endpoint_url=location.endpoint, config=config)
 
 
+class _Unchanged(Exception):
+    """A conditional GET's 304: the object is still at the version given."""
+
+
 @dataclass(frozen=True)
 class _Object:
     """One GET: the body and what the lock needs to judge staleness by the server's clock."""
@@ -171,13 +175,17 @@ class S3Storage(Storage):
 
     # -- raw object operations ---------------------------------------------------------
 
-    def _get(self, key: str) -> _Object | None:
+    def _get(self, key: str, if_none_match: str | None = None) -> _Object | None:
+        """The object, or None when absent; :class:`_Unchanged` on a 304."""
+        condition = {"IfNoneMatch": if_none_match} if if_none_match else {}
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **condition)
             data = response["Body"].read()
         except botocore.exceptions.ClientError as error:
             if self._status(error) == 404 or self._code(error) in ("NoSuchKey", "NotFound"):
                 return None
+            if if_none_match and self._status(error) == 304:
+                raise _Unchanged from None
             raise self._unavailable(error, "reading", key) from error
         except botocore.exceptions.BotoCoreError as error:
             raise self._unavailable(error, "reading", key) from error
@@ -226,6 +234,18 @@ class S3Storage(Storage):
         if found is None or _is_tombstone(found.data):
             return None
         return Versioned(found.data, found.etag)
+
+    def load_if_changed(self, key: str, version: str | None) -> tuple[bool, Versioned | None]:
+        if version is None:
+            found = self.load(key)
+            return found is not None, found
+        try:
+            current = self._get(key, if_none_match=version)
+        except _Unchanged:
+            return False, None
+        if current is None or _is_tombstone(current.data):
+            return True, None
+        return True, Versioned(current.data, current.etag)
 
     def store(
         self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None

@@ -97,6 +97,13 @@ class EncryptedStorage(Storage):
         data = open_sealed(self._key, key, found.data, self.inner.where(key))
         return Versioned(data, found.version)
 
+    def load_if_changed(self, key: str, version: str | None) -> tuple[bool, Versioned | None]:
+        changed, found = self.inner.load_if_changed(key, version)
+        if found is None or not statekeys.is_secret(key):
+            return changed, found
+        data = open_sealed(self._key, key, found.data, self.inner.where(key))
+        return changed, Versioned(data, found.version)
+
     def store(
         self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None
     ) -> str:

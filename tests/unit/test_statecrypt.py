@@ -134,3 +134,11 @@ def test_secret_looking_plaintext_under_an_open_key_is_refused(store, inner):
 def test_key_must_be_32_bytes(inner):
     with pytest.raises(ValueError):
         EncryptedStorage(inner, os.urandom(16))
+
+
+def test_polling_opens_what_changed(store):
+    assert store.load_if_changed(statekeys.CERTIFICATE, None) == (False, None)
+    version = store.store(statekeys.CERTIFICATE, b'{"key": "k"}')
+    changed, found = store.load_if_changed(statekeys.CERTIFICATE, None)
+    assert changed and found is not None and found.data == b'{"key": "k"}'
+    assert store.load_if_changed(statekeys.CERTIFICATE, version) == (False, None)
