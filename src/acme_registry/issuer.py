@@ -33,7 +33,8 @@ from .dnspropagation import PropagationChecker
 from .dnsproviders import DnsError, DnsProvider, provider_for
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
-from .storage import FileStorage, Storage
+from .statestore import open_storage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +648,7 @@ def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) 
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     started = time.monotonic()
     issuer: Issuer | None = None
 
@@ -699,7 +700,7 @@ def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:
     is placed. Raises IssuanceError when the CA cannot be reached, ConfigError when no
     issuer domain name can be known.
     """
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     issuer = Issuer(settings, storage, Account(settings, storage), PendingChallenges(storage))
     configured = settings.dns.persist_issuer if settings.dns else None
     # The issuer domain name first: without one, exit 2 before an account key is written.
