@@ -14,9 +14,10 @@ test: system-deps venv lint
 demo: system-deps venv
 	$(BIN)/python scripts/demo.py
 
-# Ours against Caddy, certbot and the bare registry; rewrites docs/benchmarks.md and charts.
+# Ours against Caddy, certbot (standalone and its RFC 2136 plugin) and the bare registry;
+# rewrites docs/benchmarks.md and charts.
 bench: system-deps venv
-	@missing=""; for p in caddy certbot; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in caddy certbot python3-certbot-dns-rfc2136; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi

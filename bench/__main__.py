@@ -25,6 +25,7 @@ from bench import (
     auth_pull,
     auth_rate,
     datapath,
+    dns,
     machine,
     port80,
     renewals,
@@ -34,7 +35,7 @@ from bench import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
+REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare", "named")
 
 
 def _log(message: str) -> None:
@@ -71,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths", "auth"),
+        choices=("startup", "data", "renewal", "port80", "rotation_paths", "dns", "auth"),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -80,6 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         help="registry binaries for the rotation-paths part (default: Debian's 2.8 and the "
         "3.x stand-in; add a 3.x binary to measure the real one)",
+    )
+    parser.add_argument(
+        "--dns-rounds",
+        type=int,
+        default=5,
+        help="cold starts per path in the dns part (certbot's default path sleeps 60 s each)",
     )
     parser.add_argument(
         "--auth-binary",
@@ -103,12 +110,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.data_rounds, args.skopeo_rounds = 3, 3, 3
+        args.rounds, args.data_rounds, args.skopeo_rounds, args.dns_rounds = 3, 3, 3, 3
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
         args.auth_seconds, args.auth_rounds, args.pull_rounds = 3.0, 1, 1
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
-    for name in ("rounds", "data_rounds", "skopeo_rounds"):
+    for name in ("rounds", "data_rounds", "skopeo_rounds", "dns_rounds"):
         if getattr(args, name) < 3 and not args.from_json:
             parser.error(f"--{name.replace('_', '-')} must be at least 3")
     return args
@@ -116,9 +123,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    if "dns" in (args.only or ["dns"]) and not dns.certbot_plugin_installed():
+        missing.append("python3-certbot-dns-rfc2136")
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "auth"]
+    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "dns", "auth"]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -179,6 +188,9 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     for i, binary in enumerate(binaries)
                 ],
             )
+        if "dns" in parts:
+            _log(f"dns: {args.dns_rounds} rounds of http-01 / dns-01 / certbot's rfc2136 plugin")
+            attempt("dns", lambda: dns.run(workdir / "dns", args.dns_rounds, _log))
         if "auth" in parts:
             binaries = [Path(p) for p in args.auth_binary] or [auth_rate.REGISTRY_BINARY]
             _log("auth: manifest GET rate and docker pull per authentication mode")

@@ -16,7 +16,17 @@ from typing import Any
 from tests.support.pebble import PEBBLE_SID_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN_PACKAGES = ("docker-registry", "caddy", "certbot", "pebble", "skopeo", "curl", "podman")
+DEBIAN_PACKAGES = (
+    "docker-registry",
+    "caddy",
+    "certbot",
+    "python3-certbot-dns-rfc2136",
+    "bind9",
+    "pebble",
+    "skopeo",
+    "curl",
+    "podman",
+)
 PYTHON_PACKAGES = ("acme", "supervisor", "cryptography", "requests", "matplotlib")
 
 

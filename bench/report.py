@@ -345,6 +345,10 @@ def _machine(results: dict[str, Any]) -> str:
         ("registry (Debian `docker-registry`)", v.get("docker-registry", "-")),
         ("Caddy (Debian `caddy`)", v.get("caddy", "-")),
         ("certbot (Debian `certbot`)", v.get("certbot", "-")),
+        (
+            "certbot's RFC 2136 plugin / BIND (Debian)",
+            f"{v.get('python3-certbot-dns-rfc2136', '-')} / {v.get('bind9', '-')}",
+        ),
         ("Pebble (Debian bookworm)", v.get("pebble", "-")),
         (
             "Pebble (Debian sid, Caddy's short certificates)",
@@ -383,12 +387,13 @@ def _setup_text(results: dict[str, Any]) -> str:
 - **bare registry**: the registry binary serving TLS itself with a fixed certificate from a
   local CA (no ACME).
 
-**Authentication is off on every path of comparisons 1-7** (our product with `AUTH_MODE=none`
-and no `AUTH_USERS`; the registry behind Caddy and the bare registry without `auth`), so all
-paths run with the same setting; comparison 8 runs with authentication on, every mode side
-by side (the product's default is htpasswd). Every registry process is the same binary with the same
-configuration apart from TLS (default log level, access log on; ours adds two response
-headers). The registry's storage is one directory shared by all paths in comparisons 3-5.
+**Authentication is off on every path of these comparisons** (our product with
+`AUTH_MODE=none` and no `AUTH_USERS`; the registry behind Caddy and the bare registry without
+`auth`), so all paths run with the same setting; comparison 9 measures with authentication
+on, every mode side by side (the product's default is htpasswd). Every registry process is
+the same binary with the same configuration apart from TLS (default log level, access log
+on; ours adds two response headers). The registry's storage is one directory shared by all
+paths in comparisons 3-5.
 
 Pebble runs with `PEBBLE_VA_NOSLEEP=1` and its defaults otherwise (5 % `badNonce`, 50 %
 authorization reuse), fresh for every round of comparisons 1-2 (not timed). Times are from
@@ -507,6 +512,10 @@ def _goals(results: dict[str, Any]) -> str:
                     _verdict(run["refused"] == 0, f"{run['refused']} refused"),
                 )
             )
+    if "dns" in results:
+        from bench import dns
+
+        rows.append(dns.goal_row(results))
     for run in results.get("auth", []):
         rates = run["rates"]
         share = med(rates["token"]) / med(rates["none"])
@@ -1081,6 +1090,12 @@ def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
     return "\n".join(text)
 
 
+def _dns(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    from bench import dns  # it renders with this module's helpers
+
+    return dns.section(results)
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -1093,9 +1108,12 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "",
         _machine(results),
         "",
-        "## What runs",
-        "",
-        _setup_text(results),
+        *(
+            ["## What runs", "", _setup_text(results)]
+            # It describes comparisons 1-5; the other parts say what they run themselves.
+            if any(k in results for k in ("startup", "data", "renewal", "memory_idle"))
+            else []
+        ),
         "## Goals",
         "",
         _goals(results),
@@ -1107,7 +1125,8 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("memory_idle", "5. Memory and image", _memory),
         ("port80", "6. Port 80 under idle connections", _port80),
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
-        ("auth", "8. Authentication on: manifest GET rate and docker pull", _auth),
+        ("dns", "8. DNS validation: dns-01 against http-01 and certbot's RFC 2136 plugin", _dns),
+        ("auth", "9. Authentication on: manifest GET rate and docker pull", _auth),
     ]
     for key, title, section in sections:
         if key in results:

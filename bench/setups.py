@@ -164,7 +164,8 @@ class Ours:
 
     label = "acme-registry"
 
-    def __init__(self, workdir: Path, pebble: Pebble, storage: Path) -> None:
+    def __init__(self, workdir: Path, pebble: Pebble, storage: Path, **extra: str) -> None:
+        """``extra``: more settings (e.g. the DNS challenge's), over the defaults."""
         env = AgentProcess.environment(
             workdir,
             domains=NAME,
@@ -174,6 +175,7 @@ class Ours:
             registry_binary=REGISTRY_BINARY,
             AUTH_MODE="none",
             REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY=str(storage),
+            **extra,
         )
         env.pop("AUTH_USERS", None)  # the same setting on every path: no authentication
         self.agent = AgentProcess(workdir, env)
@@ -358,17 +360,25 @@ class CertbotRegistry:
 
     def obtain(self) -> None:
         """One certbot run: new account, order, HTTP-01 on Pebble's httpPort, certificate."""
+        self.run_certbot(
+            [
+                "--standalone",
+                "--http-01-port",
+                str(self.pebble.http_port),
+                "--http-01-address",
+                "127.0.0.1",
+            ]
+        )
+
+    def run_certbot(self, authenticator: list[str]) -> None:
+        """``certbot certonly`` with ``authenticator``'s flags; RuntimeError when it fails."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
             CERTBOT_BINARY,
             "certonly",
-            "--standalone",
+            *authenticator,
             "--server",
             self.pebble.directory_url,
-            "--http-01-port",
-            str(self.pebble.http_port),
-            "--http-01-address",
-            "127.0.0.1",
             "--config-dir",
             str(self.workdir / "config"),
             "--work-dir",

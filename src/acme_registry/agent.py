@@ -40,7 +40,8 @@ from .registry import (
 from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
 from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
-from .storage import FileStorage, ensure_private_dir
+from .statestore import open_storage
+from .storage import ensure_private_dir
 
 if TYPE_CHECKING:
     from .tokenmode import TokenMode
@@ -53,7 +54,7 @@ RETRY = 5.0
 class Agent:
     def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
-        self.storage = FileStorage(settings.data_dir)
+        self.storage = open_storage(settings)
         self.challenges = PendingChallenges(self.storage)
         self.responder = ChallengeResponder(
             settings.domains, self.challenges.lookup, settings.http_port

@@ -257,9 +257,14 @@ def group_by_record(identifiers: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
-def recheck_delay(ttl: int | None) -> int:
-    """Seconds until a failing precondition is checked again: 30, or the TTL if longer."""
-    return max(RECHECK_SECONDS, ttl or 0)
+def recheck_delay(ttls: Iterable[int | None]) -> int:
+    """Seconds until a failing precondition is checked again: 30, or the TTL if longer.
+
+    ``ttls``: how long each answer of the last check may be cached (the records' TTL, or
+    the negative TTL of "no such record"; None where unknown). The longest counts: until it
+    has passed, some resolver, the CA's among them, may still give the old answer.
+    """
+    return max([RECHECK_SECONDS, *(ttl for ttl in ttls if ttl is not None)])
 
 
 # -- the CA's side -------------------------------------------------------------------------

@@ -18,28 +18,30 @@ servers; otherwise to the system's resolver (/etc/resolv.conf).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import dns.exception
 import dns.flags
 import dns.message
-import dns.name
-import dns.nameserver
 import dns.query
 import dns.rcode
 import dns.rdatatype
-import dns.resolver
 
 from .dnsconfig import AUTHORITATIVE, DNS_PORT, OFF, RESOLVERS, HostPort, PropagationSettings
-from .dnsproviders import DnsError, absolute_name, txt_value
+from .dnslookup import (
+    DEFAULT_QUERY_TIMEOUT,
+    DnsError,
+    DnsLookup,
+    Observation,
+    TxtAnswer,
+    absolute_name,
+    answer_ttl,
+    reason,
+    txt_value,
+)
 
-DEFAULT_QUERY_TIMEOUT = 3.0
 DEFAULT_POLL_INTERVAL = 2.0
-
-# What one server said about a name: its TXT values, or why there is no answer.
-Observation = frozenset[str] | str
 
 
 @dataclass(frozen=True)
@@ -83,93 +85,36 @@ def compare(
     return Visibility(missing)
 
 
-class DnsLookup:
-    """Recursive lookups through DNS_RESOLVERS when set, else the system's resolver."""
-
-    def __init__(
-        self, resolvers: Sequence[HostPort] = (), *, timeout: float = DEFAULT_QUERY_TIMEOUT
-    ) -> None:
-        self.resolvers = tuple(resolvers)
-        self.timeout = timeout
-        self._resolver = dns.resolver.Resolver(configure=not self.resolvers)
-        if self.resolvers:
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(server.host, server.port) for server in self.resolvers
-            ]
-        self._resolver.lifetime = timeout * 2
-        self._resolver.timeout = timeout
-
-    def zone_of(self, fqdn: str) -> dns.name.Name:
-        """The zone holding ``fqdn``: the closest enclosing name with an SOA."""
-        try:
-            return dns.resolver.zone_for_name(absolute_name(fqdn), resolver=self._resolver)
-        except dns.exception.DNSException as error:
-            raise DnsError(f"cannot find the zone of {fqdn} ({self._via()}): {error}") from None
-
-    def nameservers(self, zone: dns.name.Name) -> list[str]:
-        """The NS host names of ``zone``, sorted."""
-        answer = self._resolve(zone, dns.rdatatype.NS)
-        return sorted(rdata.target.to_text() for rdata in answer)
-
-    def addresses(self, host: str) -> list[str]:
-        """The IPv4 then IPv6 addresses of ``host``."""
-        found: list[str] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            try:
-                found += [rdata.address for rdata in self._resolve(host, rdtype)]
-            except DnsError:
-                continue
-        if not found:
-            raise DnsError(f"name server {host} has no address ({self._via()})")
-        return found
-
-    def txt(self, fqdn: str) -> Observation:
-        """The TXT values at ``fqdn`` through the recursive resolver."""
-        try:
-            answer = self._resolver.resolve(
-                absolute_name(fqdn), dns.rdatatype.TXT, raise_on_no_answer=False
-            )
-        except dns.resolver.NXDOMAIN:
-            return frozenset()
-        except dns.exception.DNSException as error:
-            return _reason(error)
-        return frozenset(txt_value(rdata) for rdata in answer)
-
-    def _resolve(self, name: dns.name.Name | str, rdtype: dns.rdatatype.RdataType) -> list[Any]:
-        try:
-            return list(self._resolver.resolve(name, rdtype))
-        except dns.exception.DNSException as error:
-            what = dns.rdatatype.to_text(rdtype)
-            raise DnsError(f"no {what} for {name} ({self._via()}): {error}") from None
-
-    def _via(self) -> str:
-        if self.resolvers:
-            return "via DNS_RESOLVERS " + ",".join(str(s) for s in self.resolvers)
-        return "via the system resolver"
-
-
 def query_txt(
     address: str, port: int, fqdn: str, *, recursion: bool, timeout: float
 ) -> Observation:
     """Ask one server directly for the TXT values at ``fqdn`` (TCP when UDP is truncated)."""
+    return query_txt_answer(address, port, fqdn, recursion=recursion, timeout=timeout).observation
+
+
+def query_txt_answer(
+    address: str, port: int, fqdn: str, *, recursion: bool, timeout: float
+) -> TxtAnswer:
+    """:func:`query_txt` with the answer's TTL (negative TTL for "no such record")."""
     query = dns.message.make_query(absolute_name(fqdn), dns.rdatatype.TXT)
     if not recursion:
         query.flags &= ~dns.flags.RD
     try:
         response, _ = dns.query.udp_with_fallback(query, address, timeout=timeout, port=port)
     except (OSError, dns.exception.DNSException) as error:
-        return _reason(error)
+        return TxtAnswer(reason(error))
     rcode = response.rcode()
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-        return dns.rcode.to_text(rcode)
+        return TxtAnswer(dns.rcode.to_text(rcode))
     if not recursion and not response.flags & dns.flags.AA:
         # A server that is listed as NS but does not serve the zone: it cannot have it.
-        return "not authoritative"
+        return TxtAnswer("not authoritative")
+    qname = query.question[0].name
     values: set[str] = set()
     for rrset in response.answer:
-        if rrset.rdtype == dns.rdatatype.TXT and rrset.name == query.question[0].name:
+        if rrset.rdtype == dns.rdatatype.TXT and rrset.name == qname:
             values.update(txt_value(rdata) for rdata in rrset)
-    return frozenset(values)
+    return TxtAnswer(frozenset(values), answer_ttl(response, qname))
 
 
 class PropagationChecker:
@@ -201,16 +146,20 @@ class PropagationChecker:
         such as the dns-persist-01 precondition check). Raises :class:`DnsError` only when
         the servers to ask cannot be found (no zone, no NS, no address).
         """
+        return {label: answer.observation for label, answer in self.answers(fqdn).items()}
+
+    def answers(self, fqdn: str) -> dict[str, TxtAnswer]:
+        """:meth:`observe` with each answer's TTL."""
         if self.settings.check == RESOLVERS:
             return {
-                str(server): query_txt(
+                str(server): query_txt_answer(
                     server.host, server.port, fqdn, recursion=True, timeout=self.query_timeout
                 )
                 for server in self.settings.resolvers
             }
         if self.settings.check == AUTHORITATIVE:
             return {
-                f"{host} {_host_port(address, self.authoritative_port)}": query_txt(
+                f"{host} {_host_port(address, self.authoritative_port)}": query_txt_answer(
                     address,
                     self.authoritative_port,
                     fqdn,
@@ -219,7 +168,7 @@ class PropagationChecker:
                 )
                 for host, address in self.authoritative_servers(fqdn)
             }
-        return {"resolver": self.lookup.txt(fqdn)}
+        return {"resolver": self.lookup.txt_answer(fqdn)}
 
     def authoritative_servers(self, fqdn: str) -> list[tuple[str, str]]:
         """(NS host, address) of every authoritative server of the zone holding ``fqdn``."""
@@ -269,9 +218,3 @@ class PropagationChecker:
 
 def _host_port(address: str, port: int) -> str:
     return str(HostPort(address, port))
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, dns.exception.Timeout):
-        return "no answer"
-    return str(error) or type(error).__name__

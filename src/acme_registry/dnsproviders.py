@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +35,7 @@ import dns.tsigkeyring
 import dns.update
 
 from .dnsconfig import ExecSettings, HostPort, Rfc2136Settings
+from .dnslookup import DnsError, DnsLookup, absolute_name
 
 DEFAULT_TTL = 60
 DEFAULT_QUERY_TIMEOUT = 10.0
@@ -54,10 +55,6 @@ EXEC_HIDDEN_VARIABLES = (
 TXT_STRING_MAX = 255
 
 
-class DnsError(Exception):
-    """A DNS provider or propagation step failed. ``str()`` is one line for the log."""
-
-
 class DnsProvider(Protocol):
     """Adds and removes one TXT value at a name; ``fqdn`` may end with a dot or not."""
 
@@ -73,20 +70,13 @@ def txt_rdata(value: str) -> dns.rdtypes.ANY.TXT.TXT:
     return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks or [b""])
 
 
-def txt_value(rdata: dns.rdtypes.ANY.TXT.TXT) -> str:
-    """The value of one TXT record: its strings joined, as ACME validators read it."""
-    return b"".join(rdata.strings).decode(errors="replace")
+def server_addresses(server: HostPort, lookup: DnsLookup | None = None) -> list[str]:
+    """The IP addresses of ``server`` (itself when it is one), IPv4 first.
 
-
-def absolute_name(fqdn: str) -> dns.name.Name:
-    try:
-        return dns.name.from_text(fqdn if fqdn.endswith(".") else fqdn + ".")
-    except dns.exception.DNSException as error:
-        raise DnsError(f"{fqdn!r} is not a DNS name: {error}") from None
-
-
-def server_addresses(server: HostPort) -> list[str]:
-    """The IP addresses of ``server`` (itself when it is one), IPv4 first."""
+    Through ``lookup`` (DNS_RESOLVERS) when given, else the system's resolver.
+    """
+    if lookup is not None:
+        return lookup.addresses(server.host)
     try:
         infos = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
@@ -102,22 +92,27 @@ def server_addresses(server: HostPort) -> list[str]:
 class Rfc2136Provider:
     """Dynamic updates (RFC 2136) to one server, signed with TSIG (RFC 8945).
 
-    The zone is ``DNS_RFC2136_ZONE`` or, when unset, found by asking the update server
-    itself for the SOA of the record's name and of each parent in turn: that server must be
-    authoritative for the zone anyway (it is the one accepting the update), so its answer is
-    the one that matters, even behind a split horizon. Found zones are remembered.
+    The zone is ``DNS_RFC2136_ZONE`` or, when unset, found from the SOA. With
+    ``DNS_RESOLVERS`` (``resolvers``) set, the SOA is looked up through them, like every
+    other lookup the agent makes, and so is the update server's address when
+    ``DNS_RFC2136_SERVER`` is a host name. Without, the update server itself is asked for
+    the SOA of the record's name and of each parent in turn: it must be authoritative for
+    the zone anyway (it is the one accepting the update), so its answer is the one that
+    matters, even behind a split horizon. Found zones are remembered.
     """
 
     def __init__(
         self,
         settings: Rfc2136Settings,
         *,
+        resolvers: Sequence[HostPort] = (),
         ttl: int = DEFAULT_TTL,
         timeout: float = DEFAULT_QUERY_TIMEOUT,
     ) -> None:
         self.settings = settings
         self.ttl = ttl
         self.timeout = timeout
+        self._lookup = DnsLookup(resolvers) if resolvers else None
         self._keyname = dns.name.from_text(settings.key_name + ".")
         self._keyring = {
             self._keyname: dns.tsig.Key(
@@ -168,6 +163,11 @@ class Rfc2136Provider:
         return self._zones[name]
 
     def _find_zone(self, name: dns.name.Name) -> dns.name.Name:
+        if self._lookup is not None:
+            try:
+                return self._lookup.zone_of(name)
+            except DnsError as error:
+                raise DnsError(f"{error}: set DNS_RFC2136_ZONE or fix DNS_RESOLVERS") from None
         candidate = name
         while candidate != dns.name.root:
             query = dns.message.make_query(candidate, dns.rdatatype.SOA)
@@ -203,7 +203,7 @@ class Rfc2136Provider:
     def _exchange(self, message: dns.message.Message, action: str) -> dns.message.Message:
         server = self.settings.server
         last: Exception | None = None
-        for address in server_addresses(server):
+        for address in server_addresses(server, self._lookup):
             try:
                 return dns.query.tcp(message, address, port=server.port, timeout=self.timeout)
             except dns.tsig.PeerBadSignature:
@@ -300,8 +300,13 @@ def _tail(stderr: bytes | str | None) -> str:
     return f": {joined}" if joined else ""
 
 
-def provider_for(settings: Rfc2136Settings | ExecSettings) -> DnsProvider:
-    """The provider the settings describe (``DnsSettings.provider``, set with dns-01)."""
+def provider_for(
+    settings: Rfc2136Settings | ExecSettings, resolvers: Sequence[HostPort] = ()
+) -> DnsProvider:
+    """The provider the settings describe (``DnsSettings.provider``, set with dns-01).
+
+    ``resolvers``: DNS_RESOLVERS, for the rfc2136 provider's own lookups.
+    """
     if isinstance(settings, Rfc2136Settings):
-        return Rfc2136Provider(settings)
+        return Rfc2136Provider(settings, resolvers=resolvers)
     return ExecProvider(settings.command)

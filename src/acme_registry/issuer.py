@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import josepy as jose
 import requests
@@ -33,7 +33,8 @@ from .dnspropagation import PropagationChecker
 from .dnsproviders import DnsError, DnsProvider, provider_for
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
-from .storage import FileStorage, Storage
+from .statestore import open_storage
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -290,18 +291,27 @@ class Issuer:
         return pair
 
     def _client(self) -> acme_client.ClientV2:
+        net = self.net = self._network(self.account.key())
+        return acme_client.ClientV2(self._directory(net), net)
+
+    def directory_meta(self) -> dict[str, Any]:
+        """The directory's ``meta``, fetched with no account key (so none is made)."""
+        return dict(self._directory(self._network(None)).meta.to_partial_json())
+
+    def _network(self, key: jose.JWK | None) -> Network:
         verify: str | bool = str(self.settings.ca_bundle) if self.settings.ca_bundle else True
-        net = self.net = Network(
-            key=self.account.key(),
+        return Network(
+            key=key,
             alg=ACCOUNT_ALG,
             verify_ssl=verify,  # type: ignore[arg-type]  # requests takes a bundle path too
             user_agent=f"acme-registry/{__version__} acme-python",
             timeout=NETWORK_TIMEOUT,
         )
-        directory = self._retry(
+
+    def _directory(self, net: Network) -> messages.Directory:
+        return self._retry(
             "directory", lambda: acme_client.ClientV2.get_directory(self.settings.directory, net)
         )
-        return acme_client.ClientV2(directory, net)
 
     def _ensure_account(self, client: acme_client.ClientV2) -> None:
         regr = self.account.registration()
@@ -335,7 +345,7 @@ class Issuer:
             dns = self.settings.dns
             if dns is None or dns.provider is None:
                 raise IssuanceError("DNS_PROVIDER: not configured", FailureReason.DNS)
-            self._dns_provider = provider_for(dns.provider)
+            self._dns_provider = provider_for(dns.provider, dns.propagation.resolvers)
         return self._dns_provider
 
     def _answer_dns01(
@@ -638,7 +648,7 @@ def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) 
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     started = time.monotonic()
     issuer: Issuer | None = None
 
@@ -690,12 +700,13 @@ def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:
     is placed. Raises IssuanceError when the CA cannot be reached, ConfigError when no
     issuer domain name can be known.
     """
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     issuer = Issuer(settings, storage, Account(settings, storage), PendingChallenges(storage))
+    configured = settings.dns.persist_issuer if settings.dns else None
+    # The issuer domain name first: without one, exit 2 before an account key is written.
+    domain = dnspersist.choose_issuer(issuer.directory_meta(), configured)
     client = issuer._client()
     issuer._ensure_account(client)
-    configured = settings.dns.persist_issuer if settings.dns else None
-    domain = dnspersist.choose_issuer(client.directory.meta.to_partial_json(), configured)
     regr = client.net.account
     assert regr is not None
     return dnspersist.records_for(settings.domains, domain, regr.uri)

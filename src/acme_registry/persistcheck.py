@@ -4,7 +4,8 @@ The agent never loads the ACME stack, so it learns the record to expect from the
 ``acme-registry dns-persist-record --json`` (which registers the account if needed and reads
 the issuer domain name from the directory: no order), then asks DNS itself. While the check
 fails, no order is placed and no ACME backoff is recorded (that is for failures at the CA):
-the agent looks again every 30 s (or the record's TTL), and says which record to create.
+the agent looks again every 30 s, or after the answers' TTL if longer (the record's, or the
+negative-caching TTL while it is missing), and says which record to create.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class PersistPrecondition:
         self._checker = checker or PropagationChecker(settings.dns.propagation)
         # The last failure, for `status` and /readyz; None once the records are in place.
         self.problem: str | None = None
+        # How long each answer of the last check may be cached: sets the next look.
+        self._ttls: list[int | None] = []
 
     def check(self, now: dt.datetime) -> str | None:
         """None when an order may be placed; else one line saying what to create."""
@@ -78,10 +81,11 @@ class PersistPrecondition:
         return problem
 
     def delay(self) -> float:
-        """Seconds until the next look while the check fails."""
-        return float(dnspersist.recheck_delay(None))
+        """Seconds until the next look while the check fails: 30, or the TTL if longer."""
+        return float(dnspersist.recheck_delay(self._ttls))
 
     def _problem(self, now: dt.datetime) -> str | None:
+        self._ttls = []
         records = self._records()
         if isinstance(records, str):
             return records
@@ -95,10 +99,12 @@ class PersistPrecondition:
             value = dnspersist.parse_value(record.value)
             assert value.account_uri is not None
             try:
-                found = _shown_everywhere(self._checker.observe(name))
+                answers = self._checker.answers(name)
             except DnsError as error:
                 messages.append(f"{name}: {error}")
                 continue
+            self._ttls += [answer.ttl for answer in answers.values()]
+            found = _shown_everywhere({k: a.observation for k, a in answers.items()})
             verdict = dnspersist.check_record(
                 identifiers,
                 found,

@@ -56,6 +56,15 @@ class StorageConflict(Exception):
         self.key = key
 
 
+class StoreUnavailable(OSError):
+    """The store could not be reached or did not answer (connection refused, timeout, 5xx,
+    credentials refused): unlike :class:`StorageConflict`, nothing is known about the key."""
+
+
+class StoreUnsafe(RuntimeError):
+    """The store does not honour conditional writes; running on it could double-order."""
+
+
 class LockTimeout(TimeoutError):
     """The lock was still held by another holder when the wait ran out."""
 
@@ -142,6 +151,15 @@ class Storage(abc.ABC):
         return key
 
     # -- helpers every backend gets ----------------------------------------------------
+
+    def load_if_changed(self, key: str, version: str | None) -> tuple[bool, Versioned | None]:
+        """For polling: ``(False, None)`` while the key is still at ``version`` (None: still
+        absent), else ``(True, what load returns)``. A shared backend answers "unchanged"
+        with a conditional GET, without sending the value again."""
+        found = self.load(key)
+        if (found.version if found is not None else None) == version:
+            return False, None
+        return True, found
 
     def load_bytes(self, key: str) -> bytes | None:
         found = self.load(key)

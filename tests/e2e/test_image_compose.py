@@ -152,6 +152,8 @@ def test_compose_variants(tmp_path):
     assert s3["REGISTRY_STORAGE"] == "s3"
     assert s3["REGISTRY_STORAGE_S3_BUCKET"] == "images"
     assert s3["REGISTRY_STORAGE_S3_REGION"] == "eu-west-1"
+    # One instance: said explicitly, since images in S3 make several replicas likely.
+    assert s3["STATE_STORE"] == "file"
 
     # Token mode publishes the token service's port beside 80 and 443, and its environment
     # passes the product's own check (the empty optional settings included).

@@ -38,6 +38,7 @@ from tests.support.pebble import (
     SHORTLIVED_SECONDS,
     Pebble,
     ari_cert_id,
+    pebble_finds_replaced,
     pebble_sid_binary,
 )
 from tests.support.ports import free_port
@@ -269,6 +270,8 @@ def test_shortlived_profile_and_unknown_profile(pebble: Pebble, account: _Accoun
 
 def test_replaces_accepted_once_then_refused(pebble: Pebble, account: _Account) -> None:
     old_chain, old_order = _issue(account, [NAME], "default")
+    while not pebble_finds_replaced(ari_cert_id(old_chain)):  # Pebble's lookup misses it
+        old_chain, old_order = _issue(account, [NAME], "default")
     old_id = ari_cert_id(old_chain)
     before = len(pebble.replacements())
 
@@ -294,6 +297,8 @@ def test_replaces_accepted_once_then_refused(pebble: Pebble, account: _Account) 
         _new_order(account, [NAME], "default", replaces=old_id)
 
     other_chain, _ = _issue(account, [NAME], "default")
+    while not pebble_finds_replaced(ari_cert_id(other_chain)):
+        other_chain, _ = _issue(account, [NAME], "default")
     other_id = ari_cert_id(other_chain)
     assert refused(other_id, _account(pebble)) == {"status": 403, "type": "unauthorized"}
     # A well-formed ID with a known issuer but a serial Pebble never issued: a 500.
@@ -457,3 +462,9 @@ def test_manual_rotation_under_load(
     # generation binds, so it is printed, not asserted; bench/rotation.py measures it. Seen
     # here (2 cores, shared): listener gone ~3-5 ms after SIGTERM; a generation started then
     # listens ~20 ms later (Go init before the config is even read), a pre-started one ~4 ms.
+
+
+def test_pebble_finds_replaced_only_serials_without_a_sign_byte() -> None:
+    # RFC 9773's example CertID: serial 0x87654321, DER content 00 87 65 43 21.
+    assert not pebble_finds_replaced("aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE")
+    assert pebble_finds_replaced("aYhba4dGQEHhs3uEe6CuLN4ByNQ.XmXPNQ")

@@ -18,7 +18,7 @@ from acme_registry.dnsconfig import (
     load_dns_settings,
 )
 from acme_registry.dnspropagation import PropagationChecker
-from acme_registry.dnsproviders import DnsError, ExecProvider, Rfc2136Provider
+from acme_registry.dnsproviders import DnsError, ExecProvider, Rfc2136Provider, provider_for
 from tests.support.bind import (
     BindServer,
     TestZone,
@@ -33,6 +33,9 @@ RECORD = f"_acme-challenge.{ZONE}"
 # Two authoritative servers on distinct loopback addresses and one port. The second one is
 # ::1 rather than 127.0.0.2: named only listens on addresses an interface has, and lo has
 # 127.0.0.1/8 and ::1, so this needs no change to the machine's network configuration.
+# (Tried with BIND 9.18: `listen-on port P { 127.0.0.2; };` starts named, loads the zone and
+# binds nothing, though a plain socket can bind 127.0.0.2; the other way, a network
+# namespace with 127.0.0.2 on its lo, would need Pebble and the agent inside it too.)
 ADDRESSES = ("127.0.0.1", "::1")
 
 
@@ -333,3 +336,92 @@ def test_exec_provider_environment_lacks_the_agents_secrets(tmp_path):
     seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
     assert seen["HOOK_TOKEN"] == "t"
     assert "ACME_EAB_HMAC_KEY" not in seen and "AUTH_USERS" not in seen
+
+
+# -- DNS_RESOLVERS for every lookup --------------------------------------------------------
+
+
+@pytest.fixture
+def sub_zone_resolver(tmp_path: Path) -> Iterator[BindServer]:
+    """A server that says ``sub.example.test`` is a zone of its own (the update server's
+    copy of example.test has no such delegation): which answer the provider uses shows
+    whom it asked."""
+    zone = TestZone(f"sub.{ZONE}", ("127.0.0.1",))
+    (server,) = start_bind_servers(tmp_path / "sub", zone, free_dns_port(["127.0.0.1"]))
+    yield server
+    server.stop()
+
+
+def dns01_env(server: str, key_name: str, secret: str, **more: str) -> dict[str, str]:
+    return {
+        "ACME_CHALLENGE": "dns-01",
+        "DNS_PROVIDER": "rfc2136",
+        "DNS_RFC2136_SERVER": server,
+        "DNS_RFC2136_TSIG_KEY_NAME": key_name,
+        "DNS_RFC2136_TSIG_SECRET": secret,
+        **more,
+    }
+
+
+def provider_from(env: dict[str, str]):
+    """The provider the issuer builds from these settings (provider_for, as in issuer.py)."""
+    settings = load_dns_settings(env)
+    assert settings.provider is not None
+    return provider_for(settings.provider, settings.propagation.resolvers)
+
+
+def test_rfc2136_zone_found_through_dns_resolvers_when_set(primary, sub_zone_resolver):
+    key = primary.zone.key
+    deep = f"_acme-challenge.host.sub.{ZONE}"
+    # Unset: the update server is asked, and for it the name is inside example.test.
+    plain = provider_from(dns01_env(primary.server, key.name, key.secret))
+    assert plain.zone_for(deep) == f"{ZONE}."  # type: ignore[attr-defined]
+    # Set: the SOA lookup goes to DNS_RESOLVERS, which answer sub.example.test.
+    via = provider_from(
+        dns01_env(primary.server, key.name, key.secret, DNS_RESOLVERS=sub_zone_resolver.server)
+    )
+    assert via.zone_for(deep) == f"sub.{ZONE}."  # type: ignore[attr-defined]
+
+
+def test_rfc2136_zone_lookup_never_falls_back_to_the_update_server(primary):
+    key = primary.zone.key
+    silent = f"127.0.0.1:{free_dns_port(['127.0.0.1'])}"
+    provider = provider_from(dns01_env(primary.server, key.name, key.secret, DNS_RESOLVERS=silent))
+    with pytest.raises(DnsError) as error:
+        provider.present(RECORD, "x")
+    message = str(error.value)
+    assert f"via DNS_RESOLVERS {silent}" in message and "DNS_RFC2136_ZONE" in message
+    assert primary.txt(RECORD) == set()
+
+
+def test_rfc2136_server_host_name_resolved_through_dns_resolvers(primary):
+    key = primary.zone.key
+    # ns1.example.test exists only in the test zone: the system resolver cannot know it.
+    by_name = f"ns1.{ZONE}:{primary.port}"
+    with pytest.raises(DnsError) as error:
+        provider_from(dns01_env(by_name, key.name, key.secret)).present(RECORD, "x")
+    assert f"cannot resolve DNS server ns1.{ZONE}" in str(error.value)
+    provider = provider_from(dns01_env(by_name, key.name, key.secret, DNS_RESOLVERS=primary.server))
+    provider.present(RECORD, "through-the-resolvers")
+    assert primary.txt(RECORD) == {"through-the-resolvers"}
+    provider.cleanup(RECORD, "through-the-resolvers")
+    assert primary.txt(RECORD) == set()
+
+
+# -- TTLs (dns-persist-01's recheck interval) ----------------------------------------------
+
+
+def test_answers_carry_the_record_ttl_or_the_negative_ttl(servers, zone):
+    name = f"_validation-persist.{ZONE}"
+    for check in ("authoritative", "resolvers"):
+        missing = checker(servers, check).answers(name)
+        # NXDOMAIN: min(the SOA's TTL, its minimum field) = the zone's negative TTL.
+        assert {a.ttl for a in missing.values()} == {zone.negative_ttl}, (check, missing)
+    for server in servers:
+        server.add_txt(name, "ca.test; accounturi=https://ca.test/a/1", ttl=600)
+    for check in ("authoritative", "resolvers", "off"):
+        found = checker(servers, check).answers(name)
+        assert {a.ttl for a in found.values()} == {600}, (check, found)
+        assert {a.observation for a in found.values()} == {
+            frozenset({"ca.test; accounturi=https://ca.test/a/1"})
+        }

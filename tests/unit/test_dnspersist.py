@@ -153,7 +153,10 @@ def test_group_by_record_and_recheck():
         "_validation-persist.example.com.": ["example.com", "*.example.com"],
         "_validation-persist.x.example.org.": ["x.example.org"],
     }
-    assert recheck_delay(None) == 30 and recheck_delay(10) == 30 and recheck_delay(300) == 300
+    assert recheck_delay([]) == 30 and recheck_delay([None]) == 30
+    assert recheck_delay([10, None]) == 30
+    # The longest answer TTL counts: any resolver may hold the old answer that long.
+    assert recheck_delay([300, 60, None]) == 300
 
 
 def test_issuer_choice():

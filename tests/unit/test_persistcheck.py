@@ -2,6 +2,7 @@ import datetime as dt
 
 from acme_registry import dnspersist
 from acme_registry.config import load_settings
+from acme_registry.dnslookup import TxtAnswer
 from acme_registry.persistcheck import PersistPrecondition
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
@@ -17,17 +18,23 @@ RECORDS = dnspersist.records_for(SETTINGS.domains, "ca.test", ACCOUNT)
 
 
 class Shown:
-    """What each of two authoritative servers shows, per record name."""
+    """What each of two authoritative servers shows, per record name, with one TTL."""
 
-    def __init__(self, table: dict[str, list[frozenset[str] | str]]) -> None:
+    def __init__(self, table: dict[str, list[frozenset[str] | str]], ttl: int | None) -> None:
         self.table = table
+        self.ttl = ttl
 
-    def observe(self, fqdn: str) -> dict[str, frozenset[str] | str]:
-        return {f"ns{i}": v for i, v in enumerate(self.table.get(fqdn, ["NXDOMAIN"]))}
+    def answers(self, fqdn: str) -> dict[str, TxtAnswer]:
+        shown = self.table.get(fqdn, [frozenset()])
+        return {f"ns{i}": TxtAnswer(v, self.ttl) for i, v in enumerate(shown)}
+
+
+def precondition(table, records=lambda: RECORDS, ttl: int | None = 60) -> PersistPrecondition:
+    return PersistPrecondition(SETTINGS, records, Shown(table, ttl))  # type: ignore[arg-type]
 
 
 def check(table, records=lambda: RECORDS) -> str | None:
-    return PersistPrecondition(SETTINGS, records, Shown(table)).check(NOW)  # type: ignore[arg-type]
+    return precondition(table, records).check(NOW)
 
 
 def test_records_on_every_server_pass():
@@ -58,3 +65,13 @@ def test_records_that_cannot_be_known_are_the_problem():
     assert check({}, records=lambda: "ACME_DNS_PERSIST_ISSUER: required") == (
         "ACME_DNS_PERSIST_ISSUER: required"
     )
+
+
+def test_the_next_look_is_30_s_or_the_answers_ttl_when_longer():
+    short = precondition({}, ttl=5)
+    assert short.check(NOW) is not None and short.delay() == 30
+    # A missing record whose zone's negative TTL is an hour: looked at again in an hour.
+    long = precondition({}, ttl=3600)
+    assert long.check(NOW) is not None and long.delay() == 3600
+    unknown = precondition({}, ttl=None)
+    assert unknown.check(NOW) is not None and unknown.delay() == 30
