@@ -41,7 +41,6 @@ from .config import ConfigError, Settings
 from .dnsconfig import DNS_01, DNS_PERSIST_01
 from .dnspropagation import PropagationChecker
 from .dnsproviders import DnsError, DnsProvider, provider_for
-from .leasekeeper import LeaseKeeper
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
 from .storage import FileStorage, LockTimeout, Storage, StorageConflict
@@ -670,9 +669,9 @@ def run(
     comes back, whatever failed: the agent counts it and backs off by its reason.
 
     With a shared store (several replicas): the issuance lock is held with a lease, renewed
-    by a thread; under it the certificate record is read first, and when it is no longer at
-    ``record_version`` (the version the agent saw; "" for none) another replica has
-    committed meanwhile: that certificate is taken, and no order is placed. A new
+    by the lock's own thread; under it the certificate record is read first, and when it is
+    no longer at ``record_version`` (the version the agent saw; "" for none) another replica
+    has committed meanwhile: that certificate is taken, and no order is placed. A new
     certificate is committed only if the record is still as read (:mod:`sharedcert`).
     """
     if dry_run:
@@ -709,14 +708,12 @@ def run(
         )
 
     try:
-        with (
-            storage.lock(
-                statekeys.ISSUANCE_LOCK,
-                lease=settings.state.lock_lease,
-                timeout=LOCK_WAIT if shared else None,
-            ) as lock,
-            LeaseKeeper(lock),
-        ):
+        # The shared store's lock renews its lease from a thread of its own while held.
+        with storage.lock(
+            statekeys.ISSUANCE_LOCK,
+            lease=settings.state.lock_lease,
+            timeout=LOCK_WAIT if shared else None,
+        ) as lock:
             record: sharedcert.CertificateRecord | None = None
             if shared and not dry_run:
                 record = sharedcert.load(storage)
