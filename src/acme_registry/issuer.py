@@ -677,7 +677,7 @@ def run(
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
-    storage = FileStorage(settings.data_dir)
+    storage = _open_state(settings)
     shared = settings.state.shared
     local = FileStorage(settings.data_dir) if shared else storage
     started = time.monotonic()
@@ -819,6 +819,16 @@ def _commit_shared(
     log.info("committed %s to the shared store", pair.describe())
     CertStore(settings.cert_dir).save(pair)
     return pair
+
+
+def _open_state(settings: Settings) -> Storage:
+    """The state store (interim, until statestore.open_storage: no encryption yet)."""
+    if settings.state.shared:
+        from .s3storage import S3Storage
+
+        assert settings.state.s3 is not None
+        return S3Storage(settings.state.s3)
+    return FileStorage(settings.data_dir)
 
 
 def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:

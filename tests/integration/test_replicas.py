@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from acme_registry import statekeys
+from acme_registry.config import load_settings
 from acme_registry.sharedchallenges import account_thumbprint
 from tests.support.agent import CREDS, NAME, PASSWORD, USER, fingerprint, status
 from tests.support.clients import registry_session
@@ -155,18 +156,11 @@ def test_orderer_taken_out_of_haproxy_still_validates_and_all_follow(
     cluster.proxy.disable(HTTP, 1)
     renewed = orders_during(pebble, lambda: _renew(cluster.replicas[0]))
     assert renewed == 1
-    new = status(cluster.replicas[0])["certificate"]["serial"]
-    committed = time.monotonic()
-    for replica in cluster.replicas:
-        cert = cluster.served(replica)
-        deadline = time.monotonic() + 30
-        while fingerprint(cert) == old:
-            assert time.monotonic() < deadline, "a replica still serves the old certificate"
-            time.sleep(0.05)
-            cert = cluster.served(replica)
-        assert f"{cert.serial_number:x}" == new
-    took = time.monotonic() - committed
-    print(f"renewal served by every replica {took:.2f} s after `renew` returned")
+    took = cluster.wait_renewal_everywhere(old, timeout=30)
+    print(f"renewal: committed to served by the last replica in {took:.2f} s")
+    record = cluster.record()
+    assert record is not None
+    assert f"{record.pair.serial:x}" == status(cluster.replicas[0])["certificate"]["serial"]
     assert cluster.commits() == 2
 
 
@@ -207,10 +201,8 @@ def test_store_down_cache_served_new_replica_unready_stateless_then_back(
     cluster.wait_ready()
     serial = cluster.served(cluster.replicas[0]).serial_number
     # What a replica must answer: computed here from the account key as the orderer has it.
-    from acme_registry.statestore import open_storage
-
-    settings = _settings(cluster.replicas[0])
-    pem = open_storage(settings).load_bytes(statekeys.account_key(settings.directory_id))
+    settings = load_settings(cluster.replicas[0].env)
+    pem = cluster.storage().load_bytes(statekeys.account_key(settings.directory_id))
     assert pem is not None
     thumbprint = account_thumbprint(pem)
 
@@ -253,12 +245,6 @@ def test_store_down_cache_served_new_replica_unready_stateless_then_back(
     renewed = status(cluster.replicas[1])["certificate"]["serial"]
     assert renewed != f"{serial:x}"
     cluster.wait_all_serve(fingerprint(cluster.served(cluster.replicas[1])), timeout=30)
-
-
-def _settings(replica):  # type: ignore[no-untyped-def]
-    from acme_registry.config import load_settings
-
-    return load_settings(replica.env)
 
 
 def test_status_names_the_shared_store(make_cluster: ClusterFactory) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 
 from acme_registry import sharedcert, statekeys
+from acme_registry.storage import Storage
 from tests.support.agent import NAME, AgentProcess, fingerprint
 from tests.support.clients import tls_probe, wait_for_tls
 from tests.support.haproxy import HAProxy
@@ -207,12 +208,16 @@ class Cluster:
                 return replica
         return None
 
-    def record(self) -> sharedcert.CertificateRecord | None:
-        """The shared certificate record, read as a replica reads it (with the key)."""
+    def storage(self) -> Storage:
+        """The state store as a replica opens it (with the encryption key)."""
         from acme_registry.config import load_settings
-        from acme_registry.statestore import open_storage
+        from acme_registry.issuer import _open_state
 
-        return sharedcert.load(open_storage(load_settings(self.replicas[0].env)))
+        return _open_state(load_settings(self.replicas[0].env))
+
+    def record(self) -> sharedcert.CertificateRecord | None:
+        """The shared certificate record, read as a replica reads it."""
+        return sharedcert.load(self.storage())
 
     def wait_renewal_everywhere(self, old: str, timeout: float) -> float:
         """Wait until every running replica serves a certificate other than ``old`` (the
