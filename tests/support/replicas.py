@@ -76,7 +76,6 @@ class Cluster:
             ca_bundle=self.pebble.ca_bundle,
             http_port=http_port,
             registry_binary=self.registry_binary,
-            ACME_PROFILE="default",
             STATE_STORE="s3",
             STATE_ENCRYPTION_KEY_FILE=str(self.key_file),
             STATE_LOCK_LEASE="5",
@@ -88,7 +87,7 @@ class Cluster:
             REGISTRY_STORAGE_S3_ACCESSKEY=self.seaweed.access_key,
             REGISTRY_STORAGE_S3_SECRETKEY=self.seaweed.secret_key,
             REGISTRY_STORAGE_REDIRECT_DISABLE="true",
-            **{**self.extra, **more},
+            **{"ACME_PROFILE": "default", **self.extra, **more},
         )
         env.pop("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
         return AgentProcess(self.workdir / f"r{index}", env)
