@@ -43,7 +43,8 @@ from .responder import ChallengeResponder
 from .sharedcert import CertificateMirror
 from .sharedchallenges import SharedChallenges, account_thumbprint
 from .sources import ISSUANCE_TIMEOUT, AcmeSource, Renewal, choose_source, utcnow
-from .storage import FileStorage, Storage, StorageConflict, StoreUnsafe, ensure_private_dir
+from .statestore import open_storage
+from .storage import FileStorage, StorageConflict, StoreUnsafe, ensure_private_dir
 
 if TYPE_CHECKING:
     from .tokenmode import TokenMode
@@ -56,7 +57,7 @@ RETRY = 5.0
 class Agent:
     def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
-        self.storage = _open_state(settings)
+        self.storage = open_storage(settings)
         # What is this replica's alone (its responder's tokens, a copy of http.secret).
         self.local = FileStorage(settings.data_dir)
         self.shared = settings.state.shared
@@ -115,7 +116,6 @@ class Agent:
             self.source.mirror = self.mirror
         self.store_error: str | None = None  # why the shared store could not be reached
         self._configured = False  # the registry's config rendered (it needs http.secret)
-        self._probed = False  # the store's conditional writes checked
         self._users_ready = self.users is None
         self._next_maintain = 0.0  # monotonic: when the source wants its next look
         self.admin = AdminServer(
@@ -150,7 +150,6 @@ class Agent:
         if self.users is None:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
         try:
-            self._probe_store()
             self._prepare_users()
             self._configure_registry()
         except OSError as error:
@@ -308,7 +307,6 @@ class Agent:
     def _poll_store(self) -> bool:
         """Read the shared records; True when CERT_DIR got a new certificate from them."""
         try:
-            self._probe_store()
             self._prepare_users()
             self._configure_registry()
             changed = self.mirror.sync() if self.mirror is not None else False
@@ -327,17 +325,6 @@ class Agent:
         self.store_error = None
         self.metrics.state_store_up.set(1)
         return changed
-
-    def _probe_store(self) -> None:
-        """Once per process, before the first write: the store must honour conditional
-        writes (StoreUnsafe otherwise: `run` stops). OSError while it cannot be reached."""
-        if self._probed or not self.shared:
-            return
-        from .s3storage import S3Storage, probe_conditional_writes
-
-        if isinstance(self.storage, S3Storage):
-            probe_conditional_writes(self.storage)
-        self._probed = True
 
     def _publish_cache(self) -> bool:
         """No shared record yet, but a servable pair here (a single instance becoming
@@ -567,13 +554,3 @@ class Agent:
                 "renewal": state["renewal"],
             }
         return answer
-
-
-def _open_state(settings: Settings) -> Storage:
-    """The state store (interim, until statestore.open_storage: no encryption yet)."""
-    if settings.state.shared:
-        from .s3storage import S3Storage
-
-        assert settings.state.s3 is not None
-        return S3Storage(settings.state.s3)
-    return FileStorage(settings.data_dir)

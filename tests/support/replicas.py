@@ -210,9 +210,9 @@ class Cluster:
     def storage(self) -> Storage:
         """The state store as a replica opens it (with the encryption key)."""
         from acme_registry.config import load_settings
-        from acme_registry.issuer import _open_state
+        from acme_registry.statestore import open_storage
 
-        return _open_state(load_settings(self.replicas[0].env))
+        return open_storage(load_settings(self.replicas[0].env))
 
     def record(self) -> sharedcert.CertificateRecord | None:
         """The shared certificate record, read as a replica reads it."""
