@@ -58,12 +58,16 @@ class Cluster:
         self.key_file = key_file
         self.extra = extra
         self.replicas = [self._replica(i) for i in range(1, count + 1)]
+        # While every replica is out of port 80, the CA's requests reach this one, which
+        # accepts and never answers: an order then stays in validation, deterministically.
+        self.silent = SilentServer()
         self.proxy = HAProxy(
             workdir / "haproxy",
             {
                 HTTP: [int(r.env["ACME_HTTP_PORT"]) for r in self.replicas],
                 HTTPS: [r.registry_port for r in self.replicas],
             },
+            backups={HTTP: self.silent.port},
         )
         self.http_port = http_port
 
@@ -100,17 +104,27 @@ class Cluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> Cluster:
+    def start(self, *, port_80_silent: bool = False) -> Cluster:
+        """Start haproxy and the replicas; ``port_80_silent``: with every replica out of
+        port 80 (the CA's validations hang until :meth:`enable_port_80`)."""
         self.proxy.start({HTTP: self.http_port})
+        if port_80_silent:
+            for index in range(1, len(self.replicas) + 1):
+                self.proxy.disable(HTTP, index)
         for replica in self.replicas:
             replica.start()
         return self
+
+    def enable_port_80(self, replicas: list[AgentProcess]) -> None:
+        for replica in replicas:
+            self.proxy.enable(HTTP, self.replicas.index(replica) + 1)
 
     def stop(self) -> None:
         for replica in self.replicas:
             with contextlib.suppress(AssertionError):
                 replica.stop()
         self.proxy.stop()
+        self.silent.stop()
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -292,3 +306,29 @@ class ProxyLoad:
         if not head.startswith(b"HTTP/1.1 200"):
             return f"answered {head[:40]!r}"
         return ""
+
+
+class SilentServer:
+    """Accepts TCP connections on loopback and never answers (until stopped)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
