@@ -269,7 +269,8 @@ def test_short_lived_renewals_reach_every_replica_with_no_failed_request(
         load.stop()
     print(
         f"renewal: committed to served by the last replica in {followed:.2f} s; "
-        f"{load.requests} requests through haproxy, {len(load.failures)} failed"
+        f"{load.requests} requests through haproxy, {len(load.failures)} failed "
+        f"({load.unanswered} closed unanswered and retried once)"
     )
     assert load.requests > 20
     assert load.failures == []
