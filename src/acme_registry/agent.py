@@ -149,15 +149,15 @@ class Agent:
             self.users.env_users[self._gc_user[0]] = self._gc_user[1]
         if self.users is None:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
-        try:
-            self._prepare_users()
-            self._configure_registry()
-        except OSError as error:
-            if not self.shared:
-                raise
-            # A replica must come up with the store down: it serves its cache if it has
-            # one, stays unready if not, and finishes this once the store answers.
-            self._store_failed(error)
+        for step in (self._prepare_users, self._configure_registry):
+            try:
+                step()
+            except OSError as error:
+                if not self.shared:
+                    raise
+                # A replica must come up with the store down: it serves its cache if it
+                # has one, stays unready if not, and finishes this once the store answers.
+                self._store_failed(error)
         self.gc.start(utcnow())
         if self.shared and self.users is not None:
             # Its own thread: the loop may wait minutes for an order, users must not.
@@ -364,7 +364,8 @@ class Agent:
 
     def _serve_cache(self) -> None:
         """The store is down: keep serving (or start serving) the pair in CERT_DIR."""
-        if not self._configured or not self._users_ready:
+        users_cached = self.users is None or self.users.htpasswd_path.exists()
+        if not self._configured or not (self._users_ready or users_cached):
             return  # no http.secret or htpasswd yet: this replica stays unready
         pair = self.source.store.load_quietly()
         if pair is None or pair.names != frozenset(self.settings.domains):
