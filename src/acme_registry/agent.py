@@ -278,10 +278,9 @@ class Agent:
     def _maintain_shared(self, renewals: list[Renewal]) -> float:
         """One look at the shared records, then the source's step when it is due.
 
-        Every poll interval: the certificate record (a new one is served at once) and the
-        users; the source (renewal, the orderer's lock) only when it asked to be woken,
-        when the record changed, or for `renew`. With the store down: serve the cache,
-        order nothing.
+        Every poll interval: the certificate record (a new one is served at once); the
+        source (renewal, the orderer's lock) only when it asked to be woken, when the record
+        changed, or for `renew`. With the store down: serve the cache, order nothing.
         """
         poll = self.settings.state.poll_interval
         changed = self._poll_store()
@@ -309,9 +308,8 @@ class Agent:
         try:
             self._prepare_users()
             self._configure_registry()
+            # The users are followed by a thread of their own (_follow_users).
             changed = self.mirror.sync() if self.mirror is not None else False
-            if self.users is not None:
-                self.users.refresh()
             self._learn_thumbprint()
         except OSError as error:
             self._store_failed(error)
