@@ -23,8 +23,9 @@ Variables (all optional; retention is off until a KEEP rule is set):
                                 interval since 1970-01-01T00:00Z (so `every 6h` runs at
                                 00:00, 06:00, 12:00, 18:00 and a restart does not shift it)
 ``GC_TIMEOUT``
-    the longest a collection (the read-only window) may take: ``N{s,m,h}`` or plain seconds;
-    default ``30m``. Past it the collection is stopped and the registry serves read-write.
+    the longest a whole run (retention's API deletes, then the read-only window) may take:
+    ``N{s,m,h}`` or plain seconds; default ``30m``. Past it the run stops where it is
+    (deletes not made yet stay for the next run) and the registry serves read-write.
 
 Patterns: ``*`` matches any run of characters, ``/`` included (``team/*`` matches
 ``team/a/b``); every other character matches itself. Tag patterns may use the characters of a

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import requests
 
 from tests.support.agent import CREDS, NAME, PASSWORD, USER, AgentProcess, served, start_agent
 from tests.support.clients import Skopeo, registry_session
-from tests.support.held_collection import HeldCollection, kill_session
+from tests.support.held_collection import HeldCollection, kill_session, serving_registries
 from tests.support.oci_layers import add_image
 from tests.support.ports import free_port
 
@@ -321,7 +322,7 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
         assert "GC_TIMEOUT" in state["last_run"]["error"]
         assert state["last_success"] is None
         text = agent.cli("status").stdout
-        assert "gc error:    garbage-collect stopped: the read-only window reached the 8 s" in text
+        assert "gc error:    garbage-collect stopped: the run reached the 8 s GC_TIMEOUT" in text
         assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
         assert metric(agent, "acme_registry_readonly") == 0.0
         add_image(layout, "after", [("after", os.urandom(16 * 1024))])
@@ -329,6 +330,47 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
     finally:
         held.release()
         assert agent.stop() == 0
+
+
+def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """GC_TIMEOUT bounds the whole run, not only the read-only window: a registry that
+    accepts connections and never answers (SIGSTOP) during retention's deletes."""
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, GC_TIMEOUT="5s")
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        push_history(agent, skopeo, layout, "ci/app", ["t1", "t2", "t3", "t4"])
+        assert agent.proc is not None
+        frozen = serving_registries(agent.proc.pid)
+        assert len(frozen) == 1, frozen
+        os.kill(frozen[0], signal.SIGSTOP)
+        try:
+            result = agent.cli("gc", timeout=120)
+        finally:
+            os.kill(frozen[0], signal.SIGCONT)
+        assert result.returncode == 1
+        assert "retention's deletes stopped: the run reached the 5 s GC_TIMEOUT" in result.stderr
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "timeout"
+        assert state["last_run"]["readonly_seconds"] is None  # never went read-only
+        assert "retention's deletes stopped" in agent.cli("status").stdout
+        assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
+        assert metric(agent, "acme_registry_readonly") == 0.0
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        assert sorted(skopeo.list_tags(repo)) == ["t1", "t2", "t3", "t4"]
+        add_image(layout, "after", [("after", os.urandom(16 * 1024))])
+        skopeo.push(layout, "after", f"{repo}:after")  # read-write, the same generation
+        again = agent.cli("gc", timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert sorted(skopeo.list_tags(repo)) == ["after", "t4"]
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
 
 
 def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
