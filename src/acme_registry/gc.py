@@ -90,23 +90,29 @@ def supports_tag_delete(version_output: str) -> bool:
 
 
 def collection_refusal(
-    *, state_store_shared: bool, blob_descriptor_cache: str | None
+    *,
+    shared_state_store: str | None,
+    blob_descriptor_cache: str | None,
+    redis_addr: str | None = None,
 ) -> str | None:
     """Why a collection must not start with several replicas, or None when it may.
 
     Collection is safe only when every writer is read-only before the mark phase starts and
     no cache remembers a swept blob after; one replica can promise that, several cannot yet.
+    ``shared_state_store`` is STATE_STORE's value when it is not ``file``; ``redis_addr``
+    REGISTRY_REDIS_ADDR(S) (a Redis the registry's blob descriptor cache may use).
     Retention's tag removal alone may still run.
     """
-    if state_store_shared:
+    if shared_state_store:
         return (
-            "garbage collection refused: the state store is shared (several replicas); "
-            "every replica would have to be read-only first"
+            f"garbage collection refused: STATE_STORE={shared_state_store} is shared by "
+            "several replicas; every replica would have to be read-only first"
         )
-    if (blob_descriptor_cache or "").strip().lower() == "redis":
+    if (blob_descriptor_cache or "").strip().lower() == "redis" or (redis_addr or "").strip():
         return (
-            "garbage collection refused: a Redis blob descriptor cache is configured; "
-            "it would keep answering for swept blobs"
+            "garbage collection refused: a Redis blob descriptor cache is configured "
+            "(REGISTRY_REDIS_ADDR or REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR=redis); it would "
+            "keep answering for swept blobs"
         )
     return None
 

@@ -68,6 +68,14 @@ def blob_descriptor_cache(registry_env: Mapping[str, str]) -> str | None:
     return None
 
 
+def redis_addr(registry_env: Mapping[str, str]) -> str | None:
+    """REGISTRY_REDIS_ADDR (2.x), or REGISTRY_REDIS_ADDRS (3.x's list), when set."""
+    for name, value in registry_env.items():
+        if name.upper() in ("REGISTRY_REDIS_ADDR", "REGISTRY_REDIS_ADDRS") and value.strip():
+            return value
+    return None
+
+
 def internal_user() -> tuple[str, Credential]:
     """The internal user (a new random password each start), as an extra configured user:
     ``user list`` shows where it comes from and ``user remove`` refuses it."""
@@ -250,8 +258,9 @@ class GcRunner:
                 leave_readonly=self._leave_readonly,
                 tag_delete=tag_delete,
                 refusal=gc.collection_refusal(
-                    state_store_shared=False,
+                    shared_state_store=self.settings.gc.shared_state_store,
                     blob_descriptor_cache=blob_descriptor_cache(self.settings.registry_env),
+                    redis_addr=redis_addr(self.settings.registry_env),
                 ),
                 dry_run=dry_run,
             )

@@ -373,6 +373,40 @@ def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
     assert "Traceback" not in agent.log()
 
 
+def test_with_a_redis_cache_configured_retention_runs_and_collection_is_refused(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """Several replicas share a Redis blob descriptor cache: a collection would leave it
+    answering for swept blobs. Nothing listens on the address (the registry only connects
+    when its cache uses it): the refusal comes from the configuration alone."""
+    pebble = pebble_factory(free_port())
+    redis = f"127.0.0.1:{free_port()}"
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, REGISTRY_REDIS_ADDR=redis)
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        push_history(agent, skopeo, tmp_path / "layout", "ci/app", ["t1", "t2", "t3"])
+        before = blob_file_bytes(storage_of(agent))
+        starts = metric(agent, "acme_registry_registry_generation_starts_total")
+        result = agent.cli("gc", timeout=120)
+        assert result.returncode == 1
+        assert "garbage collection refused: a Redis blob descriptor cache" in result.stderr
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        assert sorted(skopeo.list_tags(repo)) == ["t2", "t3"]  # retention still ran
+        assert blob_file_bytes(storage_of(agent)) == before  # nothing swept
+        # Never read-only: no generation switch at all.
+        assert metric(agent, "acme_registry_registry_generation_starts_total") == starts
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "refused"
+        assert state["last_run"]["tags_removed"] == 1
+        assert "REGISTRY_REDIS_ADDR" in state["last_run"]["error"]
+        assert metric(agent, 'acme_registry_gc_runs_total{result="refused"}') == 1.0
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
 def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
     tmp_path: Path, pebble_factory: Any, registry_binary: Path
 ) -> None:

@@ -362,7 +362,7 @@ def test_refusal_skips_collection_but_not_retention(env: Env):
     for n in range(1, 3):
         add_image(layout, f"b{n}", [("app", os.urandom(4 * KiB))])
         env.push(layout, "shared", f"b{n}", T0 + n * STEP)
-    refusal = gc.collection_refusal(state_store_shared=False, blob_descriptor_cache="redis")
+    refusal = gc.collection_refusal(shared_state_store=None, blob_descriptor_cache="redis")
     assert refusal is not None and "Redis" in refusal
     report = env.run(rules(keep_last=1), refusal=refusal, enter=pytest.fail)
     assert report.apply.removed_tags == ["shared:b1"]
