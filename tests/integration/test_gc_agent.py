@@ -23,7 +23,17 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support.agent import CREDS, NAME, PASSWORD, USER, AgentProcess, served, start_agent
+from tests.support.agent import (
+    CREDS,
+    NAME,
+    PASSWORD,
+    USER,
+    AgentProcess,
+    fingerprint,
+    served,
+    served_instead_of,
+    start_agent,
+)
 from tests.support.clients import Skopeo, registry_session
 from tests.support.held_collection import HeldCollection, kill_session, serving_registries
 from tests.support.oci_layers import add_image
@@ -298,6 +308,69 @@ def test_a_short_schedule_fires_by_itself(
         assert str(state["next_run"]) > str(last["started"])
         assert skopeo.list_tags(f"{NAME}:{agent.registry_port}/app") == ["new"]
     finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def push_after_windows(skopeo: Skopeo, layout: Path, tag: str, ref: str) -> None:
+    """A push retried while a scheduled window refuses it (405), as a client would."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            skopeo.push(layout, tag, ref)
+            return
+        except AssertionError as error:
+            if "405" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_a_renew_during_a_scheduled_collection_is_answered_and_stays_read_only(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """The schedule's run goes on its own thread: while its read-only window is held open,
+    `renew` is answered (the new certificate served by a read-only generation: the sweep may
+    be running), `status` answers, and `gc` waits for the scheduled run and says so."""
+    held = HeldCollection(tmp_path / "held", registry_binary)
+    pebble = pebble_factory(free_port())
+    env = {**KEEP, "GC_SCHEDULE": "every 30s"}
+    agent = start_agent(tmp_path, pebble, held.binary, **env)
+    try:
+        first = served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        held.wait_started(timeout=90)  # the schedule fired by itself; its window is held
+        assert metric(agent, "acme_registry_readonly") == 1.0
+
+        renew = agent.cli("renew", timeout=120)
+        assert renew.returncode == 0, renew.stdout + renew.stderr
+        renewed = served_instead_of(agent, pebble, first)
+        assert fingerprint(renewed) != fingerprint(first)
+        # Still inside the window: the generation on the new certificate is read-only too.
+        add_image(layout, "during", [("during", os.urandom(16 * 1024))])
+        with pytest.raises(AssertionError, match="405"):
+            skopeo.push(layout, "during", f"{repo}:during")
+        assert metric(agent, "acme_registry_readonly") == 1.0
+        assert agent.cli("status").returncode == 0
+
+        asked = gc_in_background(agent)
+        time.sleep(1)
+        assert asked.poll() is None  # waits for the scheduled run
+        held.release()
+        out, err = asked.communicate(timeout=120)
+        assert asked.returncode == 0, err
+        assert re.match(r"a scheduled run started at \S+ was in progress; waited for it", out), out
+        assert "tag(s) removed" in out
+
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "success", state
+        assert fingerprint(served(agent, pebble)) == fingerprint(renewed)
+        push_after_windows(skopeo, layout, "during", f"{repo}:during")  # read-write again
+        assert "during" in skopeo.list_tags(repo)
+    finally:
+        held.release()
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
 
