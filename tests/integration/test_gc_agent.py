@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 
+from acme_registry import gc
 from tests.support.agent import (
     CREDS,
     NAME,
@@ -36,7 +37,7 @@ from tests.support.agent import (
 )
 from tests.support.clients import Skopeo, registry_session
 from tests.support.held_collection import HeldCollection, kill_session, serving_registries
-from tests.support.oci_layers import add_image
+from tests.support.oci_layers import add_image, add_multiarch, children_of
 from tests.support.ports import free_port
 
 KEEP = {"RETENTION_KEEP_LAST": "2", "RETENTION_PROTECT": "latest", "GC_SCHEDULE": "off"}
@@ -232,6 +233,65 @@ def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_th
         assert agent.cli("user", "remove", "acme-registry-gc").returncode != 0
     finally:
         held.release()
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def set_pushed(agent: AgentProcess, repo: str, tag: str, when: dt.datetime) -> None:
+    link = storage_of(agent) / f"docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}"
+    os.utime(link / "current/link", (when.timestamp(), when.timestamp()))
+
+
+def test_a_multiarch_index_with_untagged_children_survives_retention_and_collection(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """An index tagged `release` (kept) and `rc2` (selected), an older index `rc1` sharing
+    its amd64 child (selected), older single images (selected): after `gc` every child of
+    `release` still pulls, the shared one included; rc1's own child is swept."""
+    pebble = pebble_factory(free_port())
+    agent = start_agent(
+        tmp_path, pebble, registry_binary, RETENTION_KEEP_LAST="1", GC_SCHEDULE="off"
+    )
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        repo = f"{NAME}:{agent.registry_port}/multi"
+        for n in range(3):
+            add_image(layout, f"old{n}", [("app", os.urandom(8 * 1024))])
+            skopeo.push(layout, f"old{n}", f"{repo}:old{n}")
+            set_pushed(agent, "multi", f"old{n}", T0 + dt.timedelta(minutes=n))
+        shared = [("app", os.urandom(12 * 1024))]  # the same child in both indexes
+        rc1 = add_multiarch(layout, "rc1", {"amd64": shared, "arm64": [("a", os.urandom(9000))]})
+        release = add_multiarch(
+            layout, "release", {"amd64": shared, "arm64": [("b", os.urandom(10000))]}
+        )
+        rc1_children, children = children_of(layout, "rc1"), children_of(layout, "release")
+        assert rc1_children[0] == children[0] and rc1_children[1] != children[1]
+        for tag, source, minute in (("rc1", "rc1", 10), ("rc2", "release", 20)):
+            skopeo.push(layout, source, f"{repo}:{tag}", all_images=True)
+            set_pushed(agent, "multi", tag, T0 + dt.timedelta(minutes=minute))
+        skopeo.push(layout, "release", f"{repo}:release", all_images=True)  # newest: kept
+
+        result = agent.cli("gc", timeout=120)
+        assert result.returncode == 0, result.stderr
+
+        tag_delete = gc.supports_tag_delete(gc.registry_version(registry_binary))
+        # 2.x deletes by digest only: rc2 shares release's manifest, so it stays there.
+        expected = ["release"] if tag_delete else ["rc2", "release"]
+        assert sorted(skopeo.list_tags(repo)) == expected, result.stdout
+        assert skopeo.manifest_digest(f"{repo}:release") == release
+        for n, child in enumerate(children):
+            assert skopeo.manifest_digest(f"{repo}@{child}") == child
+            skopeo.pull(f"{repo}@{child}", tmp_path / "pulled", f"child{n}")
+        skopeo.pull(f"{repo}:release", tmp_path / "pulled", "release", all_images=True)
+        for gone in (rc1, rc1_children[1]):
+            with pytest.raises(AssertionError, match=r"manifest unknown|not found|404"):
+                skopeo.manifest_digest(f"{repo}@{gone}")
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]["last_run"]
+        assert state["result"] == "success" and state["freed_bytes"] > 9000 + 3 * 8 * 1024
+    finally:
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
 
