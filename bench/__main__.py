@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import datapath, machine, port80, renewals, report, rotation, startup
+from bench import datapath, gc_collect, machine, port80, renewals, report, rotation, startup
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare")
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths"),
+        choices=("startup", "data", "renewal", "port80", "rotation_paths", "gc"),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -71,6 +71,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="registry binaries for the rotation-paths part (default: Debian's 2.8 and the "
         "3.x stand-in; add a 3.x binary to measure the real one)",
     )
+    parser.add_argument(
+        "--gc-binary",
+        action="append",
+        default=[],
+        help="registry binaries for the gc part (default: Debian's 2.8; add a 3.x binary)",
+    )
+    parser.add_argument("--gc-tags", type=int, default=40, help="gc part: tags pushed")
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--charts", type=Path, default=REPO / "docs", help="PNG directory")
@@ -81,6 +88,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.data_rounds, args.skopeo_rounds = 3, 3, 3
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
+        args.gc_tags = 10
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
     for name in ("rounds", "data_rounds", "skopeo_rounds"):
@@ -93,7 +101,7 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths"]
+    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "gc"]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -151,6 +159,16 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     rotation.path_bench(
                         workdir / f"paths-{i}", binary, args.renewals, args.renew_interval
                     ).result()
+                    for i, binary in enumerate(binaries)
+                ],
+            )
+        if "gc" in parts:
+            binaries = [Path(p) for p in args.gc_binary] or [Path("/usr/bin/docker-registry")]
+            _log(f"gc: {args.gc_tags} tags through acme-registry run, pulls before and during")
+            attempt(
+                "gc",
+                lambda: [
+                    gc_collect.agent_run(workdir / f"gc-{i}", binary, tags=args.gc_tags, log=_log)
                     for i, binary in enumerate(binaries)
                 ],
             )

@@ -244,6 +244,7 @@ class GcReport:
             "freed_bytes": self.freed_bytes,
             "announced_bytes": self.plan.collectable_bytes if self.plan else None,
             "readonly_seconds": round(collected.readonly_seconds, 3) if collected else None,
+            "collect_seconds": round(collected.seconds, 3) if collected else None,
             "error": self.error_line(),
         }
 
