@@ -1006,8 +1006,8 @@ def _gc(results: dict[str, Any], charts: dict[str, Path]) -> str:
             "connect, or a GET on a kept-alive connection that the draining generation closed "
             "with no response byte, retried once after 50 ms: Go's and docker's clients retry "
             "such a GET by themselves) for 10 s without a collection, then during the whole "
-            "`gc` command; latency per pull. Older runs (no count of closed connections "
-            "shown: `?`) retried refused connects only.",
+            "`gc` command; latency per pull. The machine's other work (the load average "
+            "above) was not stopped for it: the times are this run's, not a floor.",
             "",
             gc_collect.table(runs),
         ]
