@@ -491,6 +491,11 @@ def run_gc(
             report.errors.append(refusal)
             report.result = "refused"
             return report
+        if not tree.list("repositories"):
+            # Nothing was ever pushed: nothing to mark, and 3.x's garbage-collect fails on
+            # the missing directory ("Path not found: /docker/registry/v2/repositories").
+            report.collect = CollectResult(0, 0.0, 0.0, "no repository yet: nothing to collect")
+            return report
         report.collect = collect(
             tree,
             binary=binary,

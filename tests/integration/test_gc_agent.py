@@ -401,6 +401,9 @@ def test_a_renew_during_a_scheduled_collection_is_answered_and_stays_read_only(
         skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
         layout = tmp_path / "layout"
         repo = f"{NAME}:{agent.registry_port}/ci/app"
+        # Something to collect: a run on an empty registry has no window at all.
+        add_image(layout, "first", [("first", os.urandom(16 * 1024))])
+        push_after_windows(skopeo, layout, "first", f"{repo}:first")
         held.wait_started(timeout=90)  # the schedule fired by itself; its window is held
         assert metric(agent, "acme_registry_readonly") == 1.0
 
@@ -549,6 +552,8 @@ def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
     try:
         served(agent, pebble)
         agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        push_history(agent, skopeo, tmp_path / "layout", "ci/app", ["t1"])  # not empty
         run = gc_in_background(agent)
         pid = held.wait_started()
         assert agent.stop() == 0

@@ -344,7 +344,18 @@ def test_a_hung_registry_cannot_hold_the_delete_phase_past_gc_timeout(env: Env):
     assert env.skopeo.list_tags(f"{env.registry.host}/hung") == ["b5"]
 
 
+def test_an_empty_registry_is_a_successful_run_without_a_window(env: Env):
+    # 3.1.1's garbage-collect fails on a registry nothing was pushed to yet ("Path not
+    # found: /docker/registry/v2/repositories"): a fresh install's first scheduled run.
+    report = env.run(rules(keep_last=1), enter=pytest.fail)
+    assert report.ok and report.result == "success", report.error_line()
+    assert report.freed_bytes == 0 and report.summary()["readonly_seconds"] == 0
+
+
 def test_leave_readonly_runs_when_entering_fails(env: Env):
+    layout = env.workdir / "layout"
+    add_image(layout, "v1", [("app", os.urandom(4 * KiB))])
+    env.push(layout, "entering", "v1", T0)  # a registry with something to collect
     calls: list[str] = []
 
     def enter() -> None:
