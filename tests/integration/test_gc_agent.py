@@ -474,7 +474,9 @@ def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
     """GC_TIMEOUT bounds the whole run, not only the read-only window: a registry that
     accepts connections and never answers (SIGSTOP) during retention's deletes."""
     pebble = pebble_factory(free_port())
-    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, GC_TIMEOUT="5s")
+    # Long enough for the second, real run: on 3.x its two generation switches each wait
+    # out supervisord's startsecs (seen: 5 s were too few on this busy machine).
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, GC_TIMEOUT="20s")
     try:
         served(agent, pebble)
         agent.wait_ready()
@@ -490,7 +492,7 @@ def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
         finally:
             os.kill(frozen[0], signal.SIGCONT)
         assert result.returncode == 1
-        assert "retention's deletes stopped: the run reached the 5 s GC_TIMEOUT" in result.stderr
+        assert "retention's deletes stopped: the run reached the 20 s GC_TIMEOUT" in result.stderr
         state = json.loads(agent.cli("status", "--json").stdout)["gc"]
         assert state["last_run"]["result"] == "timeout"
         assert state["last_run"]["readonly_seconds"] is None  # never went read-only
