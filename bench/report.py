@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import auth_rate, notes, port80
+from bench import auth_rate, gc_collect, notes, port80
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -61,6 +61,10 @@ def sec(value: float) -> str:
 
 def ms(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def ms_of(seconds: float | None) -> str:
+    return ms(None if seconds is None else seconds * 1000)
 
 
 def mib(value: float) -> str:
@@ -527,6 +531,19 @@ def _goals(results: dict[str, Any]) -> str:
                 f"{share:.2f} (htpasswd cost 10: "
                 f"{med(rates['htpasswd cost 10']) / med(rates['none']):.3f})",
                 auth_verdict(rates),
+            )
+        )
+    for run in results.get("gc", []):
+        during, without = run["during"], run["without"]
+        rows.append(
+            (
+                f"Pulls during a collection ({run['version'].split()[-1]})",
+                "zero failed pulls",
+                f"{len(run['failures'])} failed of {during['pulls']} during a "
+                f"{run['gc_command_seconds']:.2f} s run ({run['readonly_seconds']:.2f} s "
+                f"read-only); pull p99 {ms_of(during['p99'])} vs {ms_of(without['p99'])} ms "
+                "without",
+                _verdict(not run["failures"], f"{len(run['failures'])} failed pulls"),
             )
         )
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
@@ -1096,6 +1113,31 @@ def _dns(results: dict[str, Any], charts: dict[str, Path]) -> str:
     return dns.section(results)
 
 
+def _gc(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    runs = results["gc"]
+    first = runs[0] if runs else {}
+    return "\n".join(
+        [
+            f"`acme-registry run` (AUTH_MODE=none, `RETENTION_KEEP_LAST=5`, no schedule) with "
+            f"a CI-like history pushed by skopeo: {first.get('tags', '?')} tags of 10 shared "
+            "and 50 own 2 KiB layers each (a few thousand blobs), then `acme-registry gc` "
+            "(`bench/gc_collect.py`, `agent_run`). *`gc` command*: the whole run as the CLI "
+            "waits for it (plan, retention's API deletes, the read-only window); *read-only "
+            "window*: from the switch to a read-only generation to the end of the switch back "
+            "(both generation switches, counting the unreferenced blobs, garbage-collect); "
+            "*garbage-collect*: the registry's own command. One client pulls a kept image "
+            "(a manifest GET and a 256 KiB blob GET on one keep-alive session; a refused "
+            "connect, or a GET on a kept-alive connection that the draining generation closed "
+            "with no response byte, retried once after 50 ms: Go's and docker's clients retry "
+            "such a GET by themselves) for 10 s without a collection, then during the whole "
+            "`gc` command; latency per pull. The machine's other work (the load average "
+            "above) was not stopped for it: the times are this run's, not a floor.",
+            "",
+            gc_collect.table(runs),
+        ]
+    )
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -1127,6 +1169,7 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
         ("dns", "8. DNS validation: dns-01 against http-01 and certbot's RFC 2136 plugin", _dns),
         ("auth", "9. Authentication on: manifest GET rate and docker pull", _auth),
+        ("gc", "10. Retention and garbage collection", _gc),
     ]
     for key, title, section in sections:
         if key in results:

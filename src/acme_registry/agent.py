@@ -28,7 +28,6 @@ from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer, Handler
 from .gcrunner import GcRunner, internal_user
-from .gcrunner import answer as gc_answer
 from .outcome import FailureReason, IssuanceResult
 from .registry import (
     RegistryGenerations,
@@ -387,7 +386,8 @@ class Agent:
             log.error("STATE_STATELESS_CHALLENGES: %s", error)
 
     def _maintain_gc(self) -> float:
-        """A scheduled collection when due; seconds until the next one (inf when off)."""
+        """Start a scheduled collection when due (on its own thread: a long one never holds
+        up this loop); seconds until the next one (inf when off)."""
         try:
             if self.generations.current() is not None:
                 self.gc.run_if_due(utcnow())
@@ -433,7 +433,9 @@ class Agent:
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             # With a shared socket the old generation stops only once the new pair is served.
-            with self._registry_lock:  # never inside a collection's read-only window
+            # Never during a collection's switch into or out of its read-only window; inside
+            # the window the new generation is read-only too (RegistryGenerations.rotate).
+            with self._registry_lock:
                 self.generations.rotate(
                     serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
                 )
@@ -519,8 +521,7 @@ class Agent:
     def _gc(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.generations.current() is None:
             return {"ok": False, "error": "the registry does not run yet"}
-        report = self.gc.run(dry_run=bool(request.get("dry_run")))
-        return gc_answer(report, self.gc.tag_delete)
+        return self.gc.request(dry_run=bool(request.get("dry_run")))
 
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()

@@ -251,6 +251,9 @@ def _gc(args: argparse.Namespace) -> int:
     if args.dry_run and answer.get("lines"):
         print("\n".join(answer["lines"]))
         return 0
+    if answer.get("joined"):
+        # One run at a time: this one was going already; its result is the answer.
+        print(f"{answer['joined']} was in progress; waited for it to finish; its result:")
     if not answer.get("ok"):
         print(f"acme-registry: garbage collection failed: {answer.get('error')}", file=sys.stderr)
         return 1
