@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     issue = commands.add_parser("issue", help=argparse.SUPPRESS)
     issue.add_argument("--replaces", default=None)
     issue.add_argument("--dry-run", action="store_true")
+    # A shared store: the certificate record's version the agent saw ("" when absent),
+    # and when the agent started (unix seconds).
+    issue.add_argument("--record-version", default=None)
+    issue.add_argument("--agent-started", type=float, default=None)
     args = parser.parse_args(argv)
 
     if args.command in ("health", "status", "renew"):
@@ -104,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         return _dns_persist_record(settings, as_json=args.json)
     from .issuer import run
 
-    result = run(settings, replaces=args.replaces, dry_run=args.dry_run)
+    result = run(
+        settings,
+        replaces=args.replaces,
+        dry_run=args.dry_run,
+        record_version=args.record_version,
+        agent_started=args.agent_started,
+    )
     print(result.to_json(), flush=True)
     return 0 if result.ok else 1
 

@@ -28,6 +28,7 @@ from .names import is_dns_name, is_ip
 if TYPE_CHECKING:
     from .dnsconfig import DnsSettings
     from .gcconfig import GcSettings
+    from .stateconfig import StateSettings
     from .tokenconfig import TokenSettings
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ class Settings:
     token: TokenSettings | None = None
     # Retention, the collection schedule and its timeout (RETENTION_*, GC_*).
     gc: GcSettings = field(default_factory=lambda: _default_gc_settings())
+    # Where the state replicas share lives (STATE_*): DATA_DIR, or a prefix of a bucket.
+    state: StateSettings = field(default_factory=lambda: _default_state_settings())
 
     @property
     def directory_id(self) -> str:
@@ -225,6 +228,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
     token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
     gc_settings = _gc_settings(env, registry_env, auth_mode)
+    state = _state_settings(env)
+    if state.shared and auth_mode == "token":
+        # Each replica would sign tokens with its own key, which the others refuse.
+        raise ConfigError(
+            "AUTH_MODE", "token is not supported with STATE_STORE=s3 yet (use htpasswd)"
+        )
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),
@@ -265,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dns=dns,
         token=token,
         gc=gc_settings,
+        state=state,
     )
 
 
@@ -320,10 +330,23 @@ def _dns_settings(env: Mapping[str, str]) -> DnsSettings:
 
 
 def known_variables() -> tuple[str, ...]:
-    """Every variable this program reads, the DNS ones included."""
-    from . import dnsconfig
+    """Every variable this program reads, the DNS and state ones included."""
+    from . import dnsconfig, stateconfig
 
-    return KNOWN_VARIABLES + dnsconfig.KNOWN_VARIABLES
+    return KNOWN_VARIABLES + dnsconfig.KNOWN_VARIABLES + stateconfig.KNOWN_VARIABLES
+
+
+def _state_settings(env: Mapping[str, str]) -> StateSettings:
+    # Imported here: stateconfig imports ConfigError from this module.
+    from .stateconfig import load_state_settings
+
+    return load_state_settings(env)
+
+
+def _default_state_settings() -> StateSettings:
+    from .stateconfig import StateSettings
+
+    return StateSettings()
 
 
 # Kubernetes injects these for every Service in the namespace (a Service "acme" gives

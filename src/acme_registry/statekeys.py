@@ -19,6 +19,9 @@ HTTP_SECRET = "registry/http-secret"  # the registry's http.secret, shared by ge
 USERS = "auth/users.json"  # run-time users (name -> bcrypt hash)
 INITIAL_ADMIN_PASSWORD = "auth/initial-admin-password"
 CHALLENGES = "challenges"  # the prefix of pending HTTP-01 tokens
+# A shared store only (STATE_STORE=s3): what every replica serves and answers.
+CERTIFICATE = "certificate/current.json"  # chain + key + fingerprint, replaced as a whole
+ORDER_IN_FLIGHT = "orders/in-flight.json"  # an orderer is validating: look tokens up here
 ISSUED = "issued"  # the prefix of issuance records
 
 # Local files under DATA_DIR that are derived, never stored: each replica writes its own.

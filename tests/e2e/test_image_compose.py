@@ -150,6 +150,8 @@ def test_compose_variants():
     assert s3["REGISTRY_STORAGE"] == "s3"
     assert s3["REGISTRY_STORAGE_S3_BUCKET"] == "images"
     assert s3["REGISTRY_STORAGE_S3_REGION"] == "eu-west-1"
+    # One instance: said explicitly, since images in S3 make several replicas likely.
+    assert s3["STATE_STORE"] == "file"
 
     # The operator's own names are required, with a message saying so.
     missing = podman_compose("config-check", [COMPOSE], "config", env={"ACME_DOMAINS": ""})

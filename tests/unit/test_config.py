@@ -29,7 +29,7 @@ def test_staging_alias_and_ipv6_address():
 
 def test_registry_variables_pass_through_except_ours():
     env = {**BASE, "REGISTRY_STORAGE_S3_BUCKET": "b", "REGISTRY_LOG_LEVEL": "debug"}
-    s = load_settings(env)
+    s = load_settings({**env, "STATE_STORE": "file"})
     assert s.registry_env == {"REGISTRY_STORAGE_S3_BUCKET": "b", "REGISTRY_LOG_LEVEL": "debug"}
 
 

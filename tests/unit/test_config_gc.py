@@ -73,7 +73,7 @@ def test_retention_needs_filesystem_storage():
 
 
 def test_collection_alone_works_on_other_storage():
-    env = {**BASE, "GC_SCHEDULE": "every 6h", "REGISTRY_STORAGE": "s3"}
+    env = {**BASE, "GC_SCHEDULE": "every 6h", "REGISTRY_STORAGE": "s3", "STATE_STORE": "file"}
     assert load_settings(env).gc.schedule.text == "every 6h"
 
 
