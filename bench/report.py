@@ -972,6 +972,80 @@ def _paths(results: dict[str, Any], charts: dict[str, Path]) -> str:
     )
 
 
+def _replica_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    memory = result.get("memory", {})
+    if "file" in memory and "s3" in memory:
+        file_rss, s3_rss = memory["file"]["rss"], memory["s3"]["rss"]
+        rows.append(
+            (
+                "agent memory, one instance idle (RSS / PSS)",
+                f"file {mib(file_rss)} / {mib(memory['file']['pss'])} MiB; "
+                f"s3 {mib(s3_rss)} / {mib(memory['s3']['pss'])} MiB "
+                f"(s3 = {s3_rss / file_rss:.2f} x file, +{mib(s3_rss - file_rss)} MiB RSS)",
+            )
+        )
+    starts = result.get("cold_starts", [])
+    if starts:
+        rows.append(
+            (
+                f"orders on a cold start of {result['replicas']} replicas at once",
+                ", ".join(str(s["orders"]) for s in starts)
+                + f" ({len(starts)} rounds; serials served: "
+                + ", ".join(str(s["serials"]) for s in starts)
+                + "; all ready after "
+                + ", ".join(f"{s['ready_seconds']:.1f}" for s in starts)
+                + " s)",
+            )
+        )
+    renewal = result.get("renewal")
+    if renewal:
+        lasts = [max(r["follow_seconds"]) for r in renewal["renewals"]]
+        rows.append(
+            (
+                "renewal committed to last replica serving it",
+                f"longest {max(lasts):.2f} s, median {statistics.median(lasts):.2f} s "
+                f"over {len(lasts)} renewals (record poll {result['poll_interval']:g} s)",
+            )
+        )
+        rows.append(
+            (
+                "requests through haproxy during the renewals",
+                f"{renewal['failed']} failed of {renewal['requests']} "
+                f"({renewal['refused']} refused connects, {renewal['unanswered']} unanswered, "
+                "each retried once after 5 ms)",
+            )
+        )
+    idle = result.get("idle")
+    if idle:
+        rows.append(
+            (
+                f"S3 requests at idle, {idle['replicas']} replicas",
+                f"{idle['per_minute']:.1f} per minute "
+                f"({idle['per_minute'] / idle['replicas']:.1f} per replica; "
+                f"{idle['requests']} in {idle['seconds']:g} s)",
+            )
+        )
+    return rows
+
+
+def _replicas(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    return "\n".join(
+        [
+            f"{results['replicas']['replicas']} replicas of `acme-registry run` (registry "
+            "2.8.2, htpasswd users) behind haproxy in TCP mode (round-robin over their 80 and "
+            "443), the images and `STATE_STORE=s3` in one SeaweedFS bucket, Pebble 2.10 "
+            "validating through haproxy's port 80 with no authorization reuse "
+            "(`bench/replicas.py`). Renewals are `acme-registry renew` on each replica in "
+            "turn, under manifest GETs through haproxy; the follow time runs from `renew` "
+            "returning (the record is committed then) until the last replica serves the new "
+            "certificate on its own port. S3 requests are counted by the S3 server.",
+            "",
+            table(("measure", "this run"), _replica_rows(results["replicas"]), "ll"),
+        ]
+    )
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -998,6 +1072,7 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("memory_idle", "5. Memory and image", _memory),
         ("port80", "6. Port 80 under idle connections", _port80),
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
+        ("replicas", "8. Several replicas behind one load balancer", _replicas),
     ]
     for key, title, section in sections:
         if key in results:
