@@ -109,7 +109,7 @@ def test_port_80_reaches_every_pod_443_and_5001_only_ready_ones():
     assert f":{named['admin']}" == values["ADMIN_ADDR"]
     assert named["token"] == 5001
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["livenessProbe"]["exec"]["command"] == ["acme-registry", "health"]
     services = {s["metadata"]["name"]: s["spec"] for s in of_kind(docs, "Service")}
     assert len(services) == 2
     by_ports = {frozenset(p["port"] for p in spec["ports"]): spec for spec in services.values()}
