@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.support.oci import make_oci_image
 from tests.support.pebble import Pebble, PebbleFactory
+from tests.support.seaweed import SeaweedS3
 
 DEFAULT_REGISTRY_BINARY = "/usr/bin/docker-registry"
 
@@ -31,6 +33,50 @@ def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleF
     yield make
     for pebble in reversed(started):
         pebble.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session; tests take a bucket each (``s3_bucket``).
+    Never stop it in a test: use ``seaweed_factory`` for a server of your own."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed: SeaweedS3, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket on the session's SeaweedFS, named after the test."""
+    return seaweed.new_bucket(request.node.name)
+
+
+@pytest.fixture
+def seaweed_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], SeaweedS3]]:
+    """``make()`` starts a SeaweedFS S3 server of the test's own, to stop and restart
+    (same endpoint, same data); all are stopped at teardown."""
+    started: list[SeaweedS3] = []
+
+    def make() -> SeaweedS3:
+        server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+        started.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def state_key_file(tmp_path: Path) -> Path:
+    """A STATE_ENCRYPTION_KEY_FILE as `openssl rand -hex 32` writes it."""
+    path = tmp_path / "state-encryption-key"
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from . import statekeys
+from . import sharedcert, statekeys
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
@@ -43,7 +43,7 @@ from .responder import ChallengeResponder
 from .sharedcert import CertificateMirror
 from .sharedchallenges import SharedChallenges, account_thumbprint
 from .sources import ISSUANCE_TIMEOUT, AcmeSource, Renewal, choose_source, utcnow
-from .storage import FileStorage, ensure_private_dir
+from .storage import FileStorage, StorageConflict, ensure_private_dir
 
 if TYPE_CHECKING:
     from .tokenmode import TokenMode
@@ -158,6 +158,9 @@ class Agent:
             # one, stays unready if not, and finishes this once the store answers.
             self._store_failed(error)
         self.gc.start(utcnow())
+        if self.shared and self.users is not None:
+            # Its own thread: the loop may wait minutes for an order, users must not.
+            threading.Thread(target=self._follow_users, name="users", daemon=True).start()
         if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
             self.responder.start()
         self.control.start()
@@ -292,6 +295,8 @@ class Agent:
                 )
             self._serve_cache()
             return poll
+        if self.mirror is not None and self.mirror.seen and self.mirror.version is None:
+            changed = self._publish_cache() or changed
         now = time.monotonic()
         if renewals or changed or now >= self._next_maintain:
             wait = self.source.maintain(utcnow(), renewals)
@@ -315,6 +320,32 @@ class Agent:
         self.store_error = None
         self.metrics.state_store_up.set(1)
         return changed
+
+    def _publish_cache(self) -> bool:
+        """No shared record yet, but a servable pair here (a single instance becoming
+        replicas): it becomes the record, so the others serve it instead of ordering."""
+        pair, problem = self.source.current(utcnow())
+        if pair is None or problem is not None:
+            return False
+        try:
+            sharedcert.commit(self.storage, pair, self.settings.directory, None, utcnow())
+        except StorageConflict:
+            return False  # another replica made the record first: the next look takes it
+        log.info("published the cached %s as the shared certificate", pair.describe())
+        return True
+
+    def _follow_users(self) -> None:
+        """Rewrite the htpasswd file when another replica changed the users."""
+        assert self.users is not None
+        while not self._stopping.wait(self.settings.state.poll_interval):
+            if not self._users_ready:
+                continue  # the loop prepares them first, once the store answers
+            try:
+                self.users.refresh()
+            except OSError:
+                pass  # the loop notices the store is down and says so
+            except Exception:  # the thread must outlive a bad record
+                log.exception("reading the shared users failed")
 
     def _store_failed(self, error: OSError) -> None:
         if self.store_error is None:

@@ -762,7 +762,7 @@ def _committed_meanwhile(
 
     ``seen_version`` None: the caller saw nothing to compare (order regardless).
     """
-    if seen_version is None or record is None or record.version == seen_version:
+    if record is None:
         return None
     pair = record.pair
     if pair.names != frozenset(settings.domains):
@@ -776,6 +776,8 @@ def _committed_meanwhile(
                 "one (a configuration change rolling out?): not ordering over it",
                 FailureReason.OTHER,
             )
+        return None
+    if seen_version is None or record.version == seen_version:
         return None
     if dt.datetime.now(dt.UTC) >= pair.not_after or record.directory != settings.directory:
         return None

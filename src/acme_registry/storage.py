@@ -56,6 +56,15 @@ class StorageConflict(Exception):
         self.key = key
 
 
+class StoreUnavailable(OSError):
+    """The store could not be reached or did not answer (connection refused, timeout, 5xx,
+    credentials refused): unlike :class:`StorageConflict`, nothing is known about the key."""
+
+
+class StoreUnsafe(RuntimeError):
+    """The store does not honour conditional writes; running on it could double-order."""
+
+
 class LockTimeout(TimeoutError):
     """The lock was still held by another holder when the wait ran out."""
 

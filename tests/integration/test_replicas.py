@@ -22,7 +22,7 @@ from tests.support.agent import CREDS, NAME, PASSWORD, USER, fingerprint, status
 from tests.support.clients import registry_session
 from tests.support.pebble import PEBBLE_PROFILES, Pebble, pebble_sid_binary
 from tests.support.ports import free_port
-from tests.support.replicas import HTTP, Cluster
+from tests.support.replicas import HTTP, Cluster, ProxyLoad
 from tests.support.seaweed import SeaweedS3
 
 ClusterFactory = Callable[..., Cluster]
@@ -267,3 +267,24 @@ def test_status_names_the_shared_store(make_cluster: ClusterFactory) -> None:
     answer = status(cluster.replicas[0])
     assert answer["state_store"] == {"store": "s3", "reachable": True, "error": None}
     assert json.dumps(answer)
+
+
+def test_short_lived_renewals_reach_every_replica_with_no_failed_request(
+    make_cluster: ClusterFactory, pebble: Pebble, tmp_path: Path
+) -> None:
+    cluster = make_cluster(ACME_PROFILE="shortlived")
+    cluster.wait_ready()
+    first = fingerprint(cluster.served(cluster.replicas[0]))
+    load = ProxyLoad(cluster.https_port, pebble.root_pem(), tmp_path / "load")
+    load.start()
+    try:
+        # The first certificate lives a minute: its renewal comes within it.
+        followed = cluster.wait_renewal_everywhere(first, timeout=75)
+    finally:
+        load.stop()
+    print(
+        f"renewal: committed to served by the last replica in {followed:.2f} s; "
+        f"{load.requests} requests through haproxy, {len(load.failures)} failed"
+    )
+    assert load.requests > 20
+    assert load.failures == []

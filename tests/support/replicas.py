@@ -13,13 +13,16 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from acme_registry import statekeys
+from acme_registry import sharedcert, statekeys
 from tests.support.agent import NAME, AgentProcess, fingerprint
 from tests.support.clients import tls_probe, wait_for_tls
 from tests.support.haproxy import HAProxy
@@ -204,8 +207,84 @@ class Cluster:
                 return replica
         return None
 
+    def record(self) -> sharedcert.CertificateRecord | None:
+        """The shared certificate record, read as a replica reads it (with the key)."""
+        from acme_registry.config import load_settings
+        from acme_registry.statestore import open_storage
+
+        return sharedcert.load(open_storage(load_settings(self.replicas[0].env)))
+
+    def wait_renewal_everywhere(self, old: str, timeout: float) -> float:
+        """Wait until every running replica serves a certificate other than ``old`` (the
+        same one everywhere); the seconds from its commit to the last replica serving it."""
+        deadline = time.monotonic() + timeout
+        root = self.pebble.root_pem()
+        running = [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+        served: dict[int, str] = {}
+        while len(served) < len(running):
+            assert time.monotonic() < deadline, f"not renewed everywhere: {served}"
+            for index, replica in enumerate(running):
+                if index in served:
+                    continue
+                cert = tls_probe("127.0.0.1", replica.registry_port, NAME, root, timeout=2)
+                if cert is not None and fingerprint(cert) != old:
+                    served[index] = fingerprint(cert)
+            time.sleep(0.02)
+        last = time.time()
+        assert len(set(served.values())) == 1, served
+        record = self.record()
+        assert record is not None and record.pair.fingerprint == next(iter(served.values()))
+        return last - record.committed_at.timestamp()
+
     def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ProxyLoad:
+    """Clients through haproxy's 443: a new verified TLS connection and ``GET /`` each,
+    from a few threads. A request that fails in any way is kept in ``failures``."""
+
+    def __init__(self, port: int, root_pem: bytes, workdir: Path, threads: int = 2) -> None:
+        self.port = port
+        self.context = ssl.create_default_context(cadata=root_pem.decode())
+        self.requests = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            outcome = self._one()
+            with self._lock:
+                self.requests += 1
+                if outcome:
+                    self.failures.append(outcome)
+            time.sleep(0.02)
+
+    def _one(self) -> str:
+        request = f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode()
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw,
+                self.context.wrap_socket(raw, server_hostname=NAME) as tls,
+            ):
+                tls.sendall(request)
+                head = tls.recv(64)
+        except OSError as error:
+            return f"{type(error).__name__}: {error}"
+        if not head.startswith(b"HTTP/1.1 200"):
+            return f"answered {head[:40]!r}"
+        return ""
