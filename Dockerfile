@@ -23,19 +23,25 @@ RUN python3 -m venv /opt/acme-registry
 RUN printf '%s\n' \
         acme==5.9.0 \
         bcrypt==5.0.0 \
+        boto3==1.44.8 \
+        botocore==1.44.8 \
         certifi==2026.10.19.post1 \
         cffi==2.1.1 \
         charset-normalizer==3.5.3 \
         cryptography==50.0.2 \
         dnspython==2.9.2 \
         idna==3.20 \
+        jmespath==1.1.0 \
         josepy==2.2.0 \
         prometheus-client==0.26.0 \
         pycparser==3.12 \
         pyOpenSSL==26.4.0 \
         PyYAML==6.0.4 \
         pyRFC3339==2.1.1 \
+        python-dateutil==2.9.0.post0 \
         requests==2.34.2 \
+        s3transfer==0.19.3 \
+        six==1.17.0 \
         supervisor==4.3.0 \
         typing_extensions==4.16.0 \
         urllib3==2.8.0 \
