@@ -43,7 +43,8 @@ from .responder import ChallengeResponder
 from .sharedcert import CertificateMirror
 from .sharedchallenges import SharedChallenges, account_thumbprint
 from .sources import ISSUANCE_TIMEOUT, AcmeSource, Renewal, choose_source, utcnow
-from .storage import FileStorage, StorageConflict, ensure_private_dir
+from .statestore import open_storage
+from .storage import FileStorage, StorageConflict, StoreUnsafe, ensure_private_dir
 
 if TYPE_CHECKING:
     from .tokenmode import TokenMode
@@ -56,7 +57,7 @@ RETRY = 5.0
 class Agent:
     def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
-        self.storage = FileStorage(settings.data_dir)
+        self.storage = open_storage(settings)
         # What is this replica's alone (its responder's tokens, a copy of http.secret).
         self.local = FileStorage(settings.data_dir)
         self.shared = settings.state.shared
@@ -95,7 +96,7 @@ class Agent:
         self._gc_user = internal_user() if settings.gc.retention.enabled else None
         self.gc = GcRunner(
             settings,
-            self.storage,
+            self.local,  # a collection is one replica's (its read-only window, its record)
             self.generations,
             self._registry_lock,
             self.metrics.registry,
@@ -314,6 +315,10 @@ class Agent:
             self._learn_thumbprint()
         except OSError as error:
             self._store_failed(error)
+            return False
+        except StoreUnsafe as error:
+            # Found once the store answered (it was down at start): use nothing of it.
+            self._store_failed(OSError(str(error)))
             return False
         if self.store_error is not None:
             log.info("the state store answers again")

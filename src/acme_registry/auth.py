@@ -320,6 +320,7 @@ class UserStore:
         # refresh(): the stored users' version last written into the htpasswd file, and
         # the threads of this process writing that file one at a time.
         self._refreshed: str | None = None
+        self._refreshed_once = False
         self._file_lock = threading.Lock()
 
     # -- operations --------------------------------------------------------------------------
@@ -439,12 +440,16 @@ class UserStore:
     def refresh(self) -> bool:
         """Rewrite the htpasswd file when the stored users changed since the last look
         (another replica's ``user add``): one read, no lock. True when it was written."""
-        found = self.storage.load(statekeys.USERS)
-        version = found.version if found is not None else ""
-        if version == self._refreshed:
-            return False
+        # A conditional GET: unchanged users cost no body (and no decryption).
+        if self._refreshed_once:
+            changed, found = self.storage.load_if_changed(statekeys.USERS, self._refreshed)
+            if not changed:
+                return False
+        else:
+            found = self.storage.load(statekeys.USERS)
         written = self._sync(self._parse(found.data if found is not None else None))
-        self._refreshed = version
+        self._refreshed = found.version if found is not None else None
+        self._refreshed_once = True
         return written
 
     def ensure_initial_admin(self) -> str | None:

@@ -43,6 +43,7 @@ from .dnspropagation import PropagationChecker
 from .dnsproviders import DnsError, DnsProvider, provider_for
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
+from .statestore import open_storage
 from .storage import FileStorage, LockTimeout, Storage, StorageConflict
 
 log = logging.getLogger(__name__)
@@ -677,7 +678,7 @@ def run(
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     shared = settings.state.shared
     local = FileStorage(settings.data_dir) if shared else storage
     started = time.monotonic()
@@ -828,7 +829,7 @@ def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:
     is placed. Raises IssuanceError when the CA cannot be reached, ConfigError when no
     issuer domain name can be known.
     """
-    storage = FileStorage(settings.data_dir)
+    storage = open_storage(settings)
     issuer = Issuer(settings, storage, Account(settings, storage), PendingChallenges(storage))
     client = issuer._client()
     issuer._ensure_account(client)

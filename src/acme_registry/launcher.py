@@ -23,7 +23,7 @@ from .ipprofile import check_ip_profile
 from .listen import bind_address, raise_open_file_limit
 from .registry import supervisord_conf
 from .registry_socket import Handoff, RegistrySocket
-from .storage import ensure_private_dir
+from .storage import StoreUnsafe, ensure_private_dir
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -183,7 +183,13 @@ def launch(settings: Settings) -> int:
     from .agent import Agent
 
     handoff = Handoff(handoff_socket(settings), registry_socket) if socket_activation else None
-    agent = Agent(settings, registry_socket)
+    try:
+        agent = Agent(settings, registry_socket)
+    except StoreUnsafe as error:
+        # A store that ignores conditional writes would let two replicas both order.
+        print(f"acme-registry: {error}", file=sys.stderr)
+        registry_socket.close()
+        return 1
     try:
         if handoff is not None:
             handoff.start()

@@ -103,6 +103,10 @@ def make_client(
     return session.client("s3", endpoint_url=location.endpoint, config=config)
 
 
+class _Unchanged(Exception):
+    """A conditional GET's 304: the object is still at the version given."""
+
+
 @dataclass(frozen=True)
 class _Object:
     """One GET: the body and what the lock needs to judge staleness by the server's clock."""
@@ -127,6 +131,18 @@ class S3Storage(Storage):
         self.client = client if client is not None else make_client(location)
         # Set by probe_conditional_writes; True until a probe finds otherwise.
         self.conditional_delete = True
+        # Whether the conditions were probed; the first conditional write probes if not
+        # (a store down when the agent started is probed once it answers).
+        self.probed = False
+        self._probe_guard = threading.Lock()
+
+    def ensure_safe(self) -> None:
+        """Probe the conditions once (:class:`StoreUnsafe` if ignored)."""
+        if self.probed:
+            return
+        with self._probe_guard:
+            if not self.probed:
+                probe_conditional_writes(self)
 
     # -- keys and errors ---------------------------------------------------------------
 
@@ -159,13 +175,17 @@ class S3Storage(Storage):
 
     # -- raw object operations ---------------------------------------------------------
 
-    def _get(self, key: str) -> _Object | None:
+    def _get(self, key: str, if_none_match: str | None = None) -> _Object | None:
+        """The object, or None when absent; :class:`_Unchanged` on a 304."""
+        condition = {"IfNoneMatch": if_none_match} if if_none_match else {}
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **condition)
             data = response["Body"].read()
         except botocore.exceptions.ClientError as error:
             if self._status(error) == 404 or self._code(error) in ("NoSuchKey", "NotFound"):
                 return None
+            if if_none_match and self._status(error) == 304:
+                raise _Unchanged from None
             raise self._unavailable(error, "reading", key) from error
         except botocore.exceptions.BotoCoreError as error:
             raise self._unavailable(error, "reading", key) from error
@@ -215,11 +235,25 @@ class S3Storage(Storage):
             return None
         return Versioned(found.data, found.etag)
 
+    def load_if_changed(self, key: str, version: str | None) -> tuple[bool, Versioned | None]:
+        if version is None:
+            found = self.load(key)
+            return found is not None, found
+        try:
+            current = self._get(key, if_none_match=version)
+        except _Unchanged:
+            return False, None
+        if current is None or _is_tombstone(current.data):
+            return True, None
+        return True, Versioned(current.data, current.etag)
+
     def store(
         self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None
     ) -> str:
         if if_absent and if_version is not None:
             raise ValueError("store: if_absent and if_version exclude each other")
+        if if_absent or if_version is not None:
+            self.ensure_safe()
         if if_version is not None:
             return self._put(key, data, IfMatch=if_version)
         if not if_absent:
@@ -237,6 +271,7 @@ class S3Storage(Storage):
         if if_version is None:
             self._delete(key)
             return
+        self.ensure_safe()
         if self.conditional_delete:
             self._delete(key, IfMatch=if_version)
             return
@@ -281,6 +316,7 @@ class S3Storage(Storage):
     ) -> S3Lock:
         """Wait for the lock; ``keep_alive`` renews it from a thread every third of the
         lease until it is released (off only in tests that play a silent holder)."""
+        self.ensure_safe()
         held = S3Lock(self, name, holder or new_holder_id(), lease)
         held.acquire(timeout)
         if keep_alive:
@@ -449,6 +485,7 @@ def probe_conditional_writes(storage: S3Storage) -> None:
         storage.conditional_delete = _deletes_conditionally(storage, key)
         if not storage.conditional_delete:
             log.info("the S3 server at %s has no conditional DELETE: using tombstones", where)
+        storage.probed = True
     finally:
         storage._delete(key)
 

@@ -120,12 +120,16 @@ class CertificateMirror:
     def sync(self) -> bool:
         """Read the record; write its pair into CERT_DIR if it is new there. True when
         CERT_DIR changed. OSError when the store cannot be reached."""
-        found = self.storage.load(statekeys.CERTIFICATE)
+        # A conditional GET: an unchanged record costs no body (and no decryption).
+        if self.seen:
+            changed, found = self.storage.load_if_changed(statekeys.CERTIFICATE, self.version)
+        else:
+            changed, found = True, self.storage.load(statekeys.CERTIFICATE)
         self.seen = True
+        if not changed:
+            return False
         if found is None:
             self.version = None
-            return False
-        if found.version == self.version:
             return False
         try:
             record = decode(found)

@@ -58,3 +58,29 @@ def issued(fingerprint: str) -> str:
 
 def challenge(token: str) -> str:
     return f"{CHALLENGES}/{token}"
+
+
+# Token mode's signing keyring (signing keys and the refresh-token secret).
+TOKEN_KEYRING = "token/keyring.json"
+
+# Values a reader of the bucket must not learn: a shared store encrypts exactly these
+# (statecrypt). With the account key and dns-persist-01 anyone could get certificates for
+# our names; with the keyring mint tokens; with http.secret forge upload state.
+_SECRET_KEYS = frozenset(
+    {
+        CERTIFICATE,
+        PENDING_ORDER,
+        HTTP_SECRET,
+        USERS,
+        INITIAL_ADMIN_PASSWORD,
+        TOKEN_KEYRING,
+    }
+)
+
+
+def is_secret(key: str) -> bool:
+    """Whether the value stored under ``key`` is a secret (private key, hash, password)."""
+    if key in _SECRET_KEYS:
+        return True
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "accounts" and parts[2] == "key.pem"

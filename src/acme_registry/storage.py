@@ -152,6 +152,15 @@ class Storage(abc.ABC):
 
     # -- helpers every backend gets ----------------------------------------------------
 
+    def load_if_changed(self, key: str, version: str | None) -> tuple[bool, Versioned | None]:
+        """For polling: ``(False, None)`` while the key is still at ``version`` (None: still
+        absent), else ``(True, what load returns)``. A shared backend answers "unchanged"
+        with a conditional GET, without sending the value again."""
+        found = self.load(key)
+        if (found.version if found is not None else None) == version:
+            return False, None
+        return True, found
+
     def load_bytes(self, key: str) -> bytes | None:
         found = self.load(key)
         return found.data if found is not None else None

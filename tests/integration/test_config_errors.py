@@ -202,6 +202,38 @@ INVALID = [
         "lower case",
     ),
     ("token setting outside token mode", {"TOKEN_TTL": "5m"}, "TOKEN_TTL", "AUTH_MODE=token"),
+    ("state store misspelt", {"STATE_STORE": "s4"}, "STATE_STORE", "file, s3"),
+    ("unknown state setting", {"STATE_S3_BUCKETS": "x"}, "STATE_S3_BUCKETS", "STATE_S3_BUCKET"),
+    (
+        "images in S3, state store not chosen",
+        {"REGISTRY_STORAGE": "s3", "REGISTRY_STORAGE_S3_BUCKET": "images"},
+        "STATE_STORE",
+        "several replicas",
+    ),
+    (
+        "s3 state without a key file",
+        {
+            "STATE_STORE": "s3",
+            "STATE_S3_ENDPOINT": "http://127.0.0.1:9",
+            "STATE_S3_BUCKET": "state",
+        },
+        "STATE_ENCRYPTION_KEY_FILE",
+        "required",
+    ),
+    (
+        "s3 state with a key file that is no key",
+        {
+            **{
+                "STATE_STORE": "s3",
+                "STATE_S3_ENDPOINT": "http://127.0.0.1:9",
+                "STATE_S3_BUCKET": "state",
+            },
+            "STATE_ENCRYPTION_KEY_FILE": "@notpem",
+        },
+        "STATE_ENCRYPTION_KEY_FILE",
+        "64 hexadecimal",
+    ),
+    ("s3 setting with the file store", {"STATE_POLL_INTERVAL": "5"}, "STATE_POLL_INTERVAL", "s3"),
 ]
 
 

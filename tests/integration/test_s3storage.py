@@ -107,6 +107,20 @@ def test_tombstone_deletes_where_the_server_has_no_conditional_delete(storage, s
     assert storage.load_bytes("challenges/tok") == b"fresh"
 
 
+def test_polling_with_a_conditional_get(storage):
+    key = statekeys.CERTIFICATE
+    assert storage.load_if_changed(key, None) == (False, None)  # still absent
+    version = storage.store(key, b"v1")
+    changed, found = storage.load_if_changed(key, None)
+    assert changed and found is not None and (found.data, found.version) == (b"v1", version)
+    assert storage.load_if_changed(key, version) == (False, None)  # a 304, no body
+    newer = storage.store(key, b"v2", if_version=version)
+    changed, found = storage.load_if_changed(key, version)
+    assert changed and found is not None and (found.data, found.version) == (b"v2", newer)
+    storage.delete(key)
+    assert storage.load_if_changed(key, newer) == (True, None)
+
+
 def test_list_is_one_level_under_the_prefix(storage, seaweed, s3_bucket):
     for key in ("issued/a.json", "issued/b.json", "issued/deeper/c.json", "issuedx/d.json"):
         storage.store(key, b"{}")

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 
 from acme_registry import sharedcert, statekeys
+from acme_registry.storage import Storage
 from tests.support.agent import NAME, AgentProcess, fingerprint
 from tests.support.clients import tls_probe, wait_for_tls
 from tests.support.haproxy import HAProxy
@@ -75,7 +76,6 @@ class Cluster:
             ca_bundle=self.pebble.ca_bundle,
             http_port=http_port,
             registry_binary=self.registry_binary,
-            ACME_PROFILE="default",
             STATE_STORE="s3",
             STATE_ENCRYPTION_KEY_FILE=str(self.key_file),
             STATE_LOCK_LEASE="5",
@@ -87,7 +87,7 @@ class Cluster:
             REGISTRY_STORAGE_S3_ACCESSKEY=self.seaweed.access_key,
             REGISTRY_STORAGE_S3_SECRETKEY=self.seaweed.secret_key,
             REGISTRY_STORAGE_REDIRECT_DISABLE="true",
-            **{**self.extra, **more},
+            **{"ACME_PROFILE": "default", **self.extra, **more},
         )
         env.pop("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
         return AgentProcess(self.workdir / f"r{index}", env)
@@ -207,12 +207,16 @@ class Cluster:
                 return replica
         return None
 
-    def record(self) -> sharedcert.CertificateRecord | None:
-        """The shared certificate record, read as a replica reads it (with the key)."""
+    def storage(self) -> Storage:
+        """The state store as a replica opens it (with the encryption key)."""
         from acme_registry.config import load_settings
         from acme_registry.statestore import open_storage
 
-        return sharedcert.load(open_storage(load_settings(self.replicas[0].env)))
+        return open_storage(load_settings(self.replicas[0].env))
+
+    def record(self) -> sharedcert.CertificateRecord | None:
+        """The shared certificate record, read as a replica reads it."""
+        return sharedcert.load(self.storage())
 
     def wait_renewal_everywhere(self, old: str, timeout: float) -> float:
         """Wait until every running replica serves a certificate other than ``old`` (the
