@@ -38,7 +38,8 @@ def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleF
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """One SeaweedFS S3 server for the session; tests take a bucket each (``s3_bucket``).
-    Never stop it in a test: use ``seaweed_factory`` for a server of your own."""
+    A test that stops it must start it again (same endpoint, same data); ``seaweed_factory``
+    gives a server of the test's own."""
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     try:
         server.start()

@@ -153,6 +153,14 @@ class SeaweedS3:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self._remove_grpc_sockets()
+
+    def _remove_grpc_sockets(self) -> None:
+        """weed puts a unix socket per gRPC port in /tmp (not configurable) and leaves it
+        behind after a SIGKILL: remove ours once the process is gone."""
+        for name in ("master", "volume", "filer", "s3"):
+            port = self.ports[f"{name}.port.grpc"]
+            Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock").unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL, as a crashed store (no goodbye to open connections)."""
