@@ -359,6 +359,12 @@ def _format_status(answer: dict[str, Any]) -> str:
             f"backoff:     {backoff['failures']} failure(s) in a row",
             f"next try:    {backoff.get('next_attempt')}",
         ]
+    shared = answer.get("state_store") or {}
+    if shared.get("store") not in (None, "file"):
+        reachable = "reachable"
+        if not shared.get("reachable"):
+            reachable = f"UNREACHABLE: {shared.get('error')}"
+        lines.append(f"state store: {shared['store']}, {reachable}")
     return "\n".join(lines + _format_gc_status(answer.get("gc")))
 
 

@@ -54,6 +54,8 @@ backend {name}
 """
 
 _SERVER = "    server {server} 127.0.0.1:{port} check inter 300ms fall 2 rise 1\n"
+# Used only while every replica is out: a test's stand-in (e.g. one that never answers).
+_BACKUP = "    server standin 127.0.0.1:{port} backup\n"
 
 
 def haproxy_binary() -> str:
@@ -63,8 +65,13 @@ def haproxy_binary() -> str:
     return found
 
 
-def render_config(socket_path: Path, fronts: Mapping[str, tuple[int, Sequence[int]]]) -> str:
-    """The config: ``fronts`` maps a frontend name to (its port, each replica's port).
+def render_config(
+    socket_path: Path,
+    fronts: Mapping[str, tuple[int, Sequence[int]]],
+    backups: Mapping[str, int] | None = None,
+) -> str:
+    """The config: ``fronts`` maps a frontend name to (its port, each replica's port);
+    ``backups`` a frontend to the port of a server used only while no replica is.
 
     Servers are named ``r1``, ``r2``, ... in the order of the replicas' ports.
     """
@@ -73,6 +80,8 @@ def render_config(socket_path: Path, fronts: Mapping[str, tuple[int, Sequence[in
         servers = "".join(
             _SERVER.format(server=f"r{i}", port=backend) for i, backend in enumerate(backends, 1)
         )
+        if backups and name in backups:
+            servers += _BACKUP.format(port=backups[name])
         text += _FRONTEND.format(name=name, port=port, servers=servers)
     return text
 
@@ -80,8 +89,14 @@ def render_config(socket_path: Path, fronts: Mapping[str, tuple[int, Sequence[in
 class HAProxy:
     """``haproxy -db`` with :func:`render_config`'s config; ``ports[name]`` is a frontend's."""
 
-    def __init__(self, workdir: Path, backends: Mapping[str, Sequence[int]]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        backends: Mapping[str, Sequence[int]],
+        backups: Mapping[str, int] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.backups = dict(backups or {})
         self.socket_path = workdir / "haproxy.sock"
         self.config_path = workdir / "haproxy.cfg"
         self.log_path = workdir / "haproxy.log"
@@ -94,7 +109,7 @@ class HAProxy:
         self.ports.update(ports or {})
         self.workdir.mkdir(parents=True, exist_ok=True)
         fronts = {name: (self.ports[name], self.backends[name]) for name in self.backends}
-        self.config_path.write_text(render_config(self.socket_path, fronts))
+        self.config_path.write_text(render_config(self.socket_path, fronts, self.backups))
         check = subprocess.run(
             [haproxy_binary(), "-c", "-f", str(self.config_path)],
             capture_output=True,

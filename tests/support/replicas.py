@@ -32,6 +32,7 @@ from tests.support.ports import free_ports
 from tests.support.seaweed import SeaweedS3
 
 HTTP, HTTPS = "http", "https"
+_UNANSWERED = "closed before answering"
 _COMMITTED = re.compile(r"committed .* to the shared store")
 
 
@@ -58,12 +59,16 @@ class Cluster:
         self.key_file = key_file
         self.extra = extra
         self.replicas = [self._replica(i) for i in range(1, count + 1)]
+        # While every replica is out of port 80, the CA's requests reach this one, which
+        # accepts and never answers: an order then stays in validation, deterministically.
+        self.silent = SilentServer()
         self.proxy = HAProxy(
             workdir / "haproxy",
             {
                 HTTP: [int(r.env["ACME_HTTP_PORT"]) for r in self.replicas],
                 HTTPS: [r.registry_port for r in self.replicas],
             },
+            backups={HTTP: self.silent.port},
         )
         self.http_port = http_port
 
@@ -86,6 +91,7 @@ class Cluster:
             REGISTRY_STORAGE_S3_REGION="us-east-1",
             REGISTRY_STORAGE_S3_ACCESSKEY=self.seaweed.access_key,
             REGISTRY_STORAGE_S3_SECRETKEY=self.seaweed.secret_key,
+            REGISTRY_STORAGE_S3_FORCEPATHSTYLE="true",  # 3.x needs it with regionendpoint
             REGISTRY_STORAGE_REDIRECT_DISABLE="true",
             **{"ACME_PROFILE": "default", **self.extra, **more},
         )
@@ -100,17 +106,27 @@ class Cluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> Cluster:
+    def start(self, *, port_80_silent: bool = False) -> Cluster:
+        """Start haproxy and the replicas; ``port_80_silent``: with every replica out of
+        port 80 (the CA's validations hang until :meth:`enable_port_80`)."""
         self.proxy.start({HTTP: self.http_port})
+        if port_80_silent:
+            for index in range(1, len(self.replicas) + 1):
+                self.proxy.disable(HTTP, index)
         for replica in self.replicas:
             replica.start()
         return self
+
+    def enable_port_80(self, replicas: list[AgentProcess]) -> None:
+        for replica in replicas:
+            self.proxy.enable(HTTP, self.replicas.index(replica) + 1)
 
     def stop(self) -> None:
         for replica in self.replicas:
             with contextlib.suppress(AssertionError):
                 replica.stop()
         self.proxy.stop()
+        self.silent.stop()
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -249,12 +265,16 @@ class Cluster:
 
 class ProxyLoad:
     """Clients through haproxy's 443: a new verified TLS connection and ``GET /`` each,
-    from a few threads. A request that fails in any way is kept in ``failures``."""
+    from a few threads. As tests/support/load.py's clients do, a connection closed before
+    any response byte (registry 3.x's old generation closes the one it accepted just before
+    its shutdown) is retried once and counted in ``unanswered``; a request that still fails,
+    in any way, is kept in ``failures``."""
 
     def __init__(self, port: int, root_pem: bytes, workdir: Path, threads: int = 2) -> None:
         self.port = port
         self.context = ssl.create_default_context(cadata=root_pem.decode())
         self.requests = 0
+        self.unanswered = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -272,8 +292,13 @@ class ProxyLoad:
     def _run(self) -> None:
         while not self._stop.is_set():
             outcome = self._one()
+            retried = outcome == _UNANSWERED
+            if retried:
+                time.sleep(0.005)
+                outcome = self._one()
             with self._lock:
                 self.requests += 1
+                self.unanswered += retried
                 if outcome:
                     self.failures.append(outcome)
             time.sleep(0.02)
@@ -289,6 +314,34 @@ class ProxyLoad:
                 head = tls.recv(64)
         except OSError as error:
             return f"{type(error).__name__}: {error}"
+        if not head:
+            return _UNANSWERED
         if not head.startswith(b"HTTP/1.1 200"):
             return f"answered {head[:40]!r}"
         return ""
+
+
+class SilentServer:
+    """Accepts TCP connections on loopback and never answers (until stopped)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
