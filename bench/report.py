@@ -1062,8 +1062,8 @@ def _replicas(results: dict[str, Any], charts: dict[str, Path]) -> str:
             "`STATE_LOCK_LEASE` at their defaults). Renewals are `acme-registry renew` on "
             "each replica in turn, under manifest GETs through haproxy (one worker per "
             "mode, authenticated: each request costs a bcrypt check, which keeps the rate "
-            "low); the follow time runs from `renew` "
-            "returning (the record is committed then) until the last replica serves the new "
+            "low); the follow time runs from the commit (the shared certificate record "
+            "changing, watched with HEAD every 20 ms) until the last replica serves the new "
             "certificate on its own port. S3 requests are counted by the S3 server.",
             "",
             table(("measure", "this run"), _replica_rows(results["replicas"]), "ll"),
