@@ -149,15 +149,15 @@ class Agent:
             self.users.env_users[self._gc_user[0]] = self._gc_user[1]
         if self.users is None:
             log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
-        try:
-            self._prepare_users()
-            self._configure_registry()
-        except OSError as error:
-            if not self.shared:
-                raise
-            # A replica must come up with the store down: it serves its cache if it has
-            # one, stays unready if not, and finishes this once the store answers.
-            self._store_failed(error)
+        for step in (self._prepare_users, self._configure_registry):
+            try:
+                step()
+            except OSError as error:
+                if not self.shared:
+                    raise
+                # A replica must come up with the store down: it serves its cache if it
+                # has one, stays unready if not, and finishes this once the store answers.
+                self._store_failed(error)
         self.gc.start(utcnow())
         if self.shared and self.users is not None:
             # Its own thread: the loop may wait minutes for an order, users must not.
@@ -278,10 +278,9 @@ class Agent:
     def _maintain_shared(self, renewals: list[Renewal]) -> float:
         """One look at the shared records, then the source's step when it is due.
 
-        Every poll interval: the certificate record (a new one is served at once) and the
-        users; the source (renewal, the orderer's lock) only when it asked to be woken,
-        when the record changed, or for `renew`. With the store down: serve the cache,
-        order nothing.
+        Every poll interval: the certificate record (a new one is served at once); the
+        source (renewal, the orderer's lock) only when it asked to be woken, when the record
+        changed, or for `renew`. With the store down: serve the cache, order nothing.
         """
         poll = self.settings.state.poll_interval
         changed = self._poll_store()
@@ -309,9 +308,8 @@ class Agent:
         try:
             self._prepare_users()
             self._configure_registry()
+            # The users are followed by a thread of their own (_follow_users).
             changed = self.mirror.sync() if self.mirror is not None else False
-            if self.users is not None:
-                self.users.refresh()
             self._learn_thumbprint()
         except OSError as error:
             self._store_failed(error)
@@ -364,7 +362,8 @@ class Agent:
 
     def _serve_cache(self) -> None:
         """The store is down: keep serving (or start serving) the pair in CERT_DIR."""
-        if not self._configured or not self._users_ready:
+        users_cached = self.users is None or self.users.htpasswd_path.exists()
+        if not self._configured or not (self._users_ready or users_cached):
             return  # no http.secret or htpasswd yet: this replica stays unready
         pair = self.source.store.load_quietly()
         if pair is None or pair.names != frozenset(self.settings.domains):
