@@ -73,7 +73,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths", "dns", "auth", "gc"),
+        choices=(
+            "startup",
+            "data",
+            "renewal",
+            "port80",
+            "rotation_paths",
+            "dns",
+            "auth",
+            "gc",
+            "replicas",
+        ),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -110,6 +120,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="registry binaries for the gc part (default: Debian's 2.8; add a 3.x binary)",
     )
     parser.add_argument("--gc-tags", type=int, default=40, help="gc part: tags pushed")
+    parser.add_argument(
+        "--cold-starts", type=int, default=2, help="replicas: cold starts of 3 replicas at once"
+    )
+    parser.add_argument(
+        "--replica-renewals", type=int, default=5, help="replicas: renewals under load"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=120, help="replicas: idle window for S3 requests"
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--charts", type=Path, default=REPO / "docs", help="PNG directory")
@@ -122,6 +141,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
         args.auth_seconds, args.auth_rounds, args.pull_rounds = 3.0, 1, 1
         args.gc_tags = 10
+        args.cold_starts, args.replica_renewals, args.idle_seconds = 1, 2, 30
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
     for name in ("rounds", "data_rounds", "skopeo_rounds", "dns_rounds"):
@@ -145,6 +165,7 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "dns",
         "auth",
         "gc",
+        "replicas",
     ]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
@@ -223,6 +244,9 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     for i, binary in enumerate(binaries)
                 ],
             )
+        if "replicas" in parts:
+            _log("replicas: 3 replicas behind haproxy on one S3 bucket")
+            attempt("replicas", lambda: _replicas(args, workdir / "replicas"))
     except Exception as exc:  # setting up the shared paths failed: report what there is
         _log(f"setup: FAILED\n{traceback.format_exc()}")
         results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])
@@ -269,6 +293,19 @@ def _auth_part(workdir: Path, binaries: list[Path], args: argparse.Namespace) ->
     finally:
         remove_workdir(engine_dir)
     return runs
+
+
+def _replicas(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    # Imported only here: it needs boto3 and SeaweedFS, which the other parts do not.
+    from bench import replicas
+
+    return replicas.run(
+        workdir,
+        _log,
+        cold_starts=args.cold_starts,
+        renewals=args.replica_renewals,
+        idle_seconds=args.idle_seconds,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
