@@ -22,7 +22,8 @@ connection sending ``GET /v2/bench/app/manifests/v1`` as fast as it is answered,
 ``seconds`` per mode; the modes run one after the other (in alternating order), ``rounds``
 times, in one run. For
 token mode the token is fetched once; the registry then checks its ES256 signature per
-request. ``bench.auth_pull`` times ``docker pull`` on the same paths.
+request (the token names its key by ``kid`` for 3.x and by ``x5c`` for 2.8, as the agent's
+tokens do). ``bench.auth_pull`` times ``docker pull`` on the same paths.
 
 Run: .venv/bin/python -m bench.auth_rate [--seconds 10] [--rounds 2] [--connections 4]
      [--binary /opt/registry3/registry]
