@@ -118,11 +118,9 @@ class KeyReference(StrEnum):
 def key_reference_for(registry_major: int | None) -> KeyReference:
     """``kid`` for registry 3.x; ``x5c`` for 2.x and for a release not recognised (every
     release understands ``x5c``)."""
-    return (
-        KeyReference.KID
-        if registry_major is not None and registry_major >= 3
-        else (KeyReference.X5C)
-    )
+    if registry_major is not None and registry_major >= 3:
+        return KeyReference.KID
+    return KeyReference.X5C
 
 
 def jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str | None:
