@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman buildah runc debootstrap docker.io bind9 bind9-dnsutils
+APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman buildah runc debootstrap docker.io bind9 bind9-dnsutils haproxy
 
 .PHONY: test demo bench lint unit integration e2e system-deps venv clean
 

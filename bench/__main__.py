@@ -26,6 +26,7 @@ from bench import (
     auth_rate,
     datapath,
     dns,
+    gc_collect,
     machine,
     port80,
     renewals,
@@ -72,7 +73,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("startup", "data", "renewal", "port80", "rotation_paths", "dns", "auth"),
+        choices=(
+            "startup",
+            "data",
+            "renewal",
+            "port80",
+            "rotation_paths",
+            "dns",
+            "auth",
+            "gc",
+            "replicas",
+        ),
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -102,6 +113,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pull-layer-kib", type=int, default=1024, help="size of each of the 10 layers pulled"
     )
+    parser.add_argument(
+        "--gc-binary",
+        action="append",
+        default=[],
+        help="registry binaries for the gc part (default: Debian's 2.8; add a 3.x binary)",
+    )
+    parser.add_argument("--gc-tags", type=int, default=40, help="gc part: tags pushed")
+    parser.add_argument(
+        "--cold-starts", type=int, default=2, help="replicas: cold starts of 3 replicas at once"
+    )
+    parser.add_argument(
+        "--replica-renewals", type=int, default=5, help="replicas: renewals under load"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=120, help="replicas: idle window for S3 requests"
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, small blob: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--charts", type=Path, default=REPO / "docs", help="PNG directory")
@@ -113,6 +140,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.rounds, args.data_rounds, args.skopeo_rounds, args.dns_rounds = 3, 3, 3, 3
         args.blob_mb, args.renewals, args.caddy_renewals, args.caddy_validity = 64, 3, 1, 30
         args.auth_seconds, args.auth_rounds, args.pull_rounds = 3.0, 1, 1
+        args.gc_tags = 10
+        args.cold_starts, args.replica_renewals, args.idle_seconds = 1, 2, 30
     if args.baseline_seconds is None:
         args.baseline_seconds = args.renewals * args.renew_interval
     for name in ("rounds", "data_rounds", "skopeo_rounds", "dns_rounds"):
@@ -127,7 +156,17 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         missing.append("python3-certbot-dns-rfc2136")
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or ["startup", "data", "renewal", "port80", "rotation_paths", "dns", "auth"]
+    parts = args.only or [
+        "startup",
+        "data",
+        "renewal",
+        "port80",
+        "rotation_paths",
+        "dns",
+        "auth",
+        "gc",
+        "replicas",
+    ]
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
@@ -195,6 +234,19 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
             binaries = [Path(p) for p in args.auth_binary] or [auth_rate.REGISTRY_BINARY]
             _log("auth: manifest GET rate and docker pull per authentication mode")
             attempt("auth", lambda: _auth_part(workdir / "auth", binaries, args))
+        if "gc" in parts:
+            binaries = [Path(p) for p in args.gc_binary] or [Path("/usr/bin/docker-registry")]
+            _log(f"gc: {args.gc_tags} tags through acme-registry run, pulls before and during")
+            attempt(
+                "gc",
+                lambda: [
+                    gc_collect.agent_run(workdir / f"gc-{i}", binary, tags=args.gc_tags, log=_log)
+                    for i, binary in enumerate(binaries)
+                ],
+            )
+        if "replicas" in parts:
+            _log("replicas: 3 replicas behind haproxy on one S3 bucket")
+            attempt("replicas", lambda: _replicas(args, workdir / "replicas"))
     except Exception as exc:  # setting up the shared paths failed: report what there is
         _log(f"setup: FAILED\n{traceback.format_exc()}")
         results["errors"].append(f"setup of the shared paths: {type(exc).__name__}: {exc}"[:1000])
@@ -241,6 +293,19 @@ def _auth_part(workdir: Path, binaries: list[Path], args: argparse.Namespace) ->
     finally:
         remove_workdir(engine_dir)
     return runs
+
+
+def _replicas(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    # Imported only here: it needs boto3 and SeaweedFS, which the other parts do not.
+    from bench import replicas
+
+    return replicas.run(
+        workdir,
+        _log,
+        cold_starts=args.cold_starts,
+        renewals=args.replica_renewals,
+        idle_seconds=args.idle_seconds,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import auth_rate, notes, port80
+from bench import auth_rate, gc_collect, notes, port80
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -61,6 +61,10 @@ def sec(value: float) -> str:
 
 def ms(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def ms_of(seconds: float | None) -> str:
+    return ms(None if seconds is None else seconds * 1000)
 
 
 def mib(value: float) -> str:
@@ -527,6 +531,41 @@ def _goals(results: dict[str, Any]) -> str:
                 f"{share:.2f} (htpasswd cost 10: "
                 f"{med(rates['htpasswd cost 10']) / med(rates['none']):.3f})",
                 auth_verdict(rates),
+            )
+        )
+    for run in results.get("gc", []):
+        during, without = run["during"], run["without"]
+        rows.append(
+            (
+                f"Pulls during a collection ({run['version'].split()[-1]})",
+                "zero failed pulls",
+                f"{len(run['failures'])} failed of {during['pulls']} during a "
+                f"{run['gc_command_seconds']:.2f} s run ({run['readonly_seconds']:.2f} s "
+                f"read-only); pull p99 {ms_of(during['p99'])} vs {ms_of(without['p99'])} ms "
+                "without",
+                _verdict(not run["failures"], f"{len(run['failures'])} failed pulls"),
+            )
+        )
+    replicas = results.get("replicas", {})
+    if replicas.get("cold_starts"):
+        orders = [start["orders"] for start in replicas["cold_starts"]]
+        rows.append(
+            (
+                f"Cold start of {replicas['replicas']} replicas at once",
+                "exactly one order",
+                ", ".join(map(str, orders)) + f" orders in {len(orders)} rounds",
+                _verdict(all(n == 1 for n in orders), f"{max(orders) - 1} extra orders"),
+            )
+        )
+    if replicas.get("renewal"):
+        failed = replicas["renewal"]["failed"]
+        rows.append(
+            (
+                "Renewals of the replicas, through haproxy",
+                "zero failed requests",
+                f"{failed} failed of {replicas['renewal']['requests']} in "
+                f"{len(replicas['renewal']['renewals'])} renewals",
+                _verdict(failed == 0, f"{failed} failed requests"),
             )
         )
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
@@ -1098,6 +1137,108 @@ def _dns(results: dict[str, Any], charts: dict[str, Path]) -> str:
     return dns.section(results)
 
 
+def _gc(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    runs = results["gc"]
+    first = runs[0] if runs else {}
+    return "\n".join(
+        [
+            f"`acme-registry run` (AUTH_MODE=none, `RETENTION_KEEP_LAST=5`, no schedule) with "
+            f"a CI-like history pushed by skopeo: {first.get('tags', '?')} tags of 10 shared "
+            "and 50 own 2 KiB layers each (a few thousand blobs), then `acme-registry gc` "
+            "(`bench/gc_collect.py`, `agent_run`). *`gc` command*: the whole run as the CLI "
+            "waits for it (plan, retention's API deletes, the read-only window); *read-only "
+            "window*: from the switch to a read-only generation to the end of the switch back "
+            "(both generation switches, counting the unreferenced blobs, garbage-collect); "
+            "*garbage-collect*: the registry's own command. One client pulls a kept image "
+            "(a manifest GET and a 256 KiB blob GET on one keep-alive session; a refused "
+            "connect, or a GET on a kept-alive connection that the draining generation closed "
+            "with no response byte, retried once after 50 ms: Go's and docker's clients retry "
+            "such a GET by themselves) for 10 s without a collection, then during the whole "
+            "`gc` command; latency per pull. The machine's other work (the load average "
+            "above) was not stopped for it: the times are this run's, not a floor.",
+            "",
+            gc_collect.table(runs),
+        ]
+    )
+
+
+def _replica_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    memory = result.get("memory", {})
+    if "file" in memory and "s3" in memory:
+        file_rss, s3_rss = memory["file"]["rss"], memory["s3"]["rss"]
+        rows.append(
+            (
+                "agent memory, one instance idle (RSS / PSS)",
+                f"file {mib(file_rss)} / {mib(memory['file']['pss'])} MiB; "
+                f"s3 {mib(s3_rss)} / {mib(memory['s3']['pss'])} MiB "
+                f"(s3 = {s3_rss / file_rss:.2f} x file, +{mib(s3_rss - file_rss)} MiB RSS)",
+            )
+        )
+    starts = result.get("cold_starts", [])
+    if starts:
+        rows.append(
+            (
+                f"orders on a cold start of {result['replicas']} replicas at once",
+                ", ".join(str(s["orders"]) for s in starts)
+                + f" ({len(starts)} rounds; serials served: "
+                + ", ".join(str(s["serials"]) for s in starts)
+                + "; all ready after "
+                + ", ".join(f"{s['ready_seconds']:.1f}" for s in starts)
+                + " s)",
+            )
+        )
+    renewal = result.get("renewal")
+    if renewal:
+        lasts = [max(r["follow_seconds"]) for r in renewal["renewals"]]
+        rows.append(
+            (
+                "renewal committed to last replica serving it",
+                f"longest {max(lasts):.2f} s, median {statistics.median(lasts):.2f} s "
+                f"over {len(lasts)} renewals (record poll {result['poll_interval']:g} s)",
+            )
+        )
+        rows.append(
+            (
+                "requests through haproxy during the renewals",
+                f"{renewal['failed']} failed of {renewal['requests']} "
+                f"({renewal['refused']} refused connects, {renewal['unanswered']} unanswered, "
+                "each retried once after 5 ms)",
+            )
+        )
+    idle = result.get("idle")
+    if idle:
+        rows.append(
+            (
+                f"S3 requests at idle, {idle['replicas']} replicas",
+                f"{idle['per_minute']:.1f} per minute "
+                f"({idle['per_minute'] / idle['replicas']:.1f} per replica; "
+                f"{idle['requests']} in {idle['seconds']:g} s)",
+            )
+        )
+    return rows
+
+
+def _replicas(results: dict[str, Any], charts: dict[str, Path]) -> str:
+    return "\n".join(
+        [
+            f"{results['replicas']['replicas']} replicas of `acme-registry run` (registry "
+            "2.8.2, htpasswd users) behind haproxy in TCP mode (round-robin over their 80 and "
+            "443), the images and `STATE_STORE=s3` in one SeaweedFS bucket, Pebble 2.10 "
+            "validating through haproxy's port 80 with no authorization reuse and its 0-4 s "
+            "validation sleep on (`bench/replicas.py`; `STATE_POLL_INTERVAL` and "
+            "`STATE_LOCK_LEASE` at their defaults). Renewals are `acme-registry renew` on "
+            "each replica in turn, under manifest GETs through haproxy (one worker per "
+            "mode, authenticated: each request costs a bcrypt check, which keeps the rate "
+            "low); the follow time runs from the commit (the shared certificate record "
+            "changing, watched with HEAD every 20 ms) until the last replica serves the new "
+            "certificate on its own port. S3 requests are counted by the S3 server.",
+            "",
+            table(("measure", "this run"), _replica_rows(results["replicas"]), "ll"),
+        ]
+    )
+
+
 def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
     parts = [
         "# Benchmarks: acme-registry against Caddy, certbot and the bare registry",
@@ -1129,6 +1270,8 @@ def render(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ("rotation_paths", "7. Rotation paths: FIFO (2.x) and socket activation (3.x)", _paths),
         ("dns", "8. DNS validation: dns-01 against http-01 and certbot's RFC 2136 plugin", _dns),
         ("auth", "9. Authentication on: manifest GET rate and docker pull", _auth),
+        ("gc", "10. Retention and garbage collection", _gc),
+        ("replicas", "11. Several replicas behind one load balancer", _replicas),
     ]
     for key, title, section in sections:
         if key in results:

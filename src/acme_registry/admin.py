@@ -163,6 +163,13 @@ class Metrics:
         )
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
+        # A shared state store (STATE_STORE=s3): 1 while its last request succeeded.
+        self.state_store_up = Gauge(
+            "acme_registry_state_store_up",
+            "Whether the shared state store answered the last request (1) or not (0).",
+            registry=r,
+        )
+        self.state_store_up.set(1)
         self.tokens_issued = Counter(
             "acme_registry_tokens_issued_total",
             "Tokens the token service issued (logins, refreshes, anonymous).",

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import xmlrpc.client
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from . import statekeys
+from . import sharedcert, statekeys
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
@@ -27,8 +28,7 @@ from .challenges import PendingChallenges
 from .config import Settings
 from .control import ControlServer, Handler
 from .gcrunner import GcRunner, internal_user
-from .gcrunner import answer as gc_answer
-from .outcome import IssuanceResult
+from .outcome import FailureReason, IssuanceResult
 from .registry import (
     RegistryGenerations,
     RegistryProbe,
@@ -39,9 +39,11 @@ from .registry import (
 )
 from .registry_socket import RegistrySocket
 from .responder import ChallengeResponder
-from .sources import ISSUANCE_TIMEOUT, Renewal, choose_source, utcnow
+from .sharedcert import CertificateMirror
+from .sharedchallenges import SharedChallenges, account_thumbprint
+from .sources import ISSUANCE_TIMEOUT, AcmeSource, Renewal, choose_source, utcnow
 from .statestore import open_storage
-from .storage import ensure_private_dir
+from .storage import FileStorage, StorageConflict, StoreUnsafe, ensure_private_dir
 
 if TYPE_CHECKING:
     from .tokenmode import TokenMode
@@ -55,9 +57,22 @@ class Agent:
     def __init__(self, settings: Settings, registry_socket: RegistrySocket | None = None) -> None:
         self.settings = settings
         self.storage = open_storage(settings)
-        self.challenges = PendingChallenges(self.storage)
+        # What is this replica's alone (its responder's tokens, a copy of http.secret).
+        self.local = FileStorage(settings.data_dir)
+        self.shared = settings.state.shared
+        self.challenges = PendingChallenges(self.local)
+        self.remote_challenges = (
+            SharedChallenges(
+                self.storage, settings.domains, stateless=settings.state.stateless_challenges
+            )
+            if self.shared
+            else None
+        )
         self.responder = ChallengeResponder(
-            settings.domains, self.challenges.lookup, settings.http_port
+            settings.domains,
+            self.challenges.lookup,
+            settings.http_port,
+            remote=self.remote_challenges.lookup if self.remote_challenges else None,
         )
         self.generations = RegistryGenerations(
             Supervisor(settings.supervisor_socket),
@@ -80,7 +95,7 @@ class Agent:
         self._gc_user = internal_user() if settings.gc.retention.enabled else None
         self.gc = GcRunner(
             settings,
-            self.storage,
+            self.local,  # a collection is one replica's (its read-only window, its record)
             self.generations,
             self._registry_lock,
             self.metrics.registry,
@@ -92,6 +107,16 @@ class Agent:
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve
         )
+        # A shared store: CERT_DIR mirrors the certificate record (ACME only: with
+        # ACME_ENABLED=false each replica serves the operator's files).
+        self.mirror: CertificateMirror | None = None
+        if self.shared and isinstance(self.source, AcmeSource):
+            self.mirror = CertificateMirror(self.storage, self.source.store, settings.domains)
+            self.source.mirror = self.mirror
+        self.store_error: str | None = None  # why the shared store could not be reached
+        self._configured = False  # the registry's config rendered (it needs http.secret)
+        self._users_ready = self.users is None
+        self._next_maintain = 0.0  # monotonic: when the source wants its next look
         self.admin = AdminServer(
             settings.admin_addr.host, settings.admin_addr.port, self.metrics, self._ready_check
         )
@@ -119,20 +144,67 @@ class Agent:
         ensure_private_dir(self.settings.run_dir)
         self.settings.cert_dir.mkdir(parents=True, exist_ok=True)
         self.challenges.clear()
+        if self.users is not None and self._gc_user is not None:
+            self.users.env_users[self._gc_user[0]] = self._gc_user[1]
+        if self.users is None:
+            log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
+        for step in (self._prepare_users, self._configure_registry):
+            try:
+                step()
+            except OSError as error:
+                if not self.shared:
+                    raise
+                # A replica must come up with the store down: it serves its cache if it
+                # has one, stays unready if not, and finishes this once the store answers.
+                self._store_failed(error)
+        self.gc.start(utcnow())
+        if self.shared and self.users is not None:
+            # Its own thread: the loop may wait minutes for an order, users must not.
+            threading.Thread(target=self._follow_users, name="users", daemon=True).start()
+        if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
+            self.responder.start()
+        self.control.start()
+        try:
+            self.admin.start()
+        except OSError as error:
+            # A monitoring port must not take the registry down.
+            log.error("admin endpoint on %s unavailable: %s", self.settings.admin_addr, error)
+        log.info(
+            "agent started for %s; %s",
+            ", ".join(self.settings.domains),
+            f"port {self.responder.port} answers HTTP-01 and redirects to https"
+            if self.settings.http_port
+            else "no port-80 listener (ACME_HTTP_PORT=off)",
+        )
+
+    def _prepare_users(self) -> None:
+        """The htpasswd file, before any registry starts: without it the registry invents a
+        user and logs its password. OSError when the store cannot be reached."""
+        if self._users_ready or self.users is None:
+            return
+        if self._gc_user is not None:
+            # The initial admin check must not count the collector's internal user.
+            self.users.env_users.pop(self._gc_user[0], None)
+        try:
+            message = self.users.ensure_initial_admin()
+        finally:
+            if self._gc_user is not None:
+                self.users.env_users[self._gc_user[0]] = self._gc_user[1]
+        if self.shared:
+            self.users.refresh()
+        else:
+            self.users.sync_htpasswd()
+        if message:
+            log.warning("%s", message)
+        self._users_ready = True
+
+    def _configure_registry(self) -> None:
+        """Render the registry's config once (http.secret comes from the store)."""
+        if self._configured:
+            return
         auth = None
         if self.users is not None:
-            # The htpasswd file must exist before any registry starts: without it the
-            # registry invents a user and logs its password.
-            message = self.users.ensure_initial_admin()
-            if self._gc_user is not None:
-                # After the initial admin check, which must not count it as a user.
-                self.users.env_users[self._gc_user[0]] = self._gc_user[1]
-            self.users.sync_htpasswd()
-            if message:
-                log.warning("%s", message)
             auth = registry_auth_config(self.users.htpasswd_path, "acme-registry")
-        else:
-            log.warning("AUTH_MODE=none: anyone who reaches the registry can push and pull")
         extra: dict[str, Any] = {}
         if self.settings.token is not None and self.users is not None:
             # Here, not at the top: outside token mode the agent never loads cryptography.
@@ -150,7 +222,7 @@ class Agent:
             auth = extra["auth"]
         config = render_config(
             self.settings,
-            http_secret(self.storage),
+            self._http_secret(),
             self.source.store.tls_file,
             self.settings.registry_env,
             auth,
@@ -160,46 +232,167 @@ class Agent:
             # passes REGISTRY_STORAGE_DELETE_ENABLED instead.
             config["storage"].update(extra["storage"])
         self.generations.configure(config)
-        self.gc.start(utcnow())
-        if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
-            self.responder.start()
-        self.control.start()
+        self._configured = True
+
+    def _http_secret(self) -> str:
+        """The registry's http.secret: with a shared store the one every replica uses
+        (uploads then cross replicas), copied into DATA_DIR for a start with the store down."""
+        if not self.shared:
+            return http_secret(self.storage)
         try:
-            self.admin.start()
-        except OSError as error:
-            # A monitoring port must not take the registry down.
-            log.error("admin endpoint on %s unavailable: %s", self.settings.admin_addr, error)
-        log.info(
-            "agent started for %s; %s",
-            ", ".join(self.settings.domains),
-            f"port {self.responder.port} answers HTTP-01 and redirects to https"
-            if self.settings.http_port
-            else "no port-80 listener (ACME_HTTP_PORT=off)",
-        )
+            secret = http_secret(self.storage)
+        except OSError:
+            cached = self.local.load_bytes(statekeys.HTTP_SECRET)
+            if cached is None:
+                raise
+            log.warning("the state store is unreachable: using the cached http.secret")
+            return cached.decode().strip()
+        if self.local.load_bytes(statekeys.HTTP_SECRET) != secret.encode() + b"\n":
+            self.local.store(statekeys.HTTP_SECRET, secret.encode() + b"\n")
+        return secret
 
     def maintain_forever(self) -> None:
         """The maintenance loop; runs on its own thread until :meth:`stop`."""
         while not self._stopping.is_set():
             renewals = self._take_renewals()
             try:
-                if self.token is not None:
-                    self.token.maintain(utcnow(), self._rotate_for_token_keys)
-                wait = self.source.maintain(utcnow(), renewals)
-                if self.token is not None and self.token.failed_to_listen:
-                    wait = min(wait, RETRY)
+                if self.shared:
+                    wait = self._maintain_shared(renewals)
+                else:
+                    if self.token is not None:
+                        self.token.maintain(utcnow(), self._rotate_for_token_keys)
+                    wait = self.source.maintain(utcnow(), renewals)
+                    if self.token is not None and self.token.failed_to_listen:
+                        wait = min(wait, RETRY)
             except (OSError, xmlrpc.client.Error) as error:
                 if self._stopping.is_set():
                     break  # supervisord is shutting down around us
                 log.error("maintenance step failed: %s; trying again in %d s", error, RETRY)
                 wait = RETRY
+                if self.shared:
+                    wait = min(wait, self.settings.state.poll_interval)
             wait = min(wait, self._maintain_gc())
             self._wake.wait(timeout=wait)
             self._wake.clear()
         for renewal in self._take_renewals():
             renewal.cancel()
 
+    # -- a shared store (several replicas) ---------------------------------------------
+
+    def _maintain_shared(self, renewals: list[Renewal]) -> float:
+        """One look at the shared records, then the source's step when it is due.
+
+        Every poll interval: the certificate record (a new one is served at once); the
+        source (renewal, the orderer's lock) only when it asked to be woken, when the record
+        changed, or for `renew`. With the store down: serve the cache, order nothing.
+        """
+        poll = self.settings.state.poll_interval
+        changed = self._poll_store()
+        if self.store_error is not None:
+            for renewal in renewals:
+                renewal.set_result(
+                    IssuanceResult.failure(
+                        f"the state store cannot be reached ({self.store_error}): "
+                        "no order is placed until it answers",
+                        FailureReason.STORAGE,
+                    )
+                )
+            self._serve_cache()
+            return poll
+        if self.mirror is not None and self.mirror.seen and self.mirror.version is None:
+            changed = self._publish_cache() or changed
+        now = time.monotonic()
+        if renewals or changed or now >= self._next_maintain:
+            wait = self.source.maintain(utcnow(), renewals)
+            self._next_maintain = time.monotonic() + wait
+        return max(0.0, min(poll, self._next_maintain - time.monotonic()))
+
+    def _poll_store(self) -> bool:
+        """Read the shared records; True when CERT_DIR got a new certificate from them."""
+        try:
+            self._prepare_users()
+            self._configure_registry()
+            # The users are followed by a thread of their own (_follow_users).
+            changed = self.mirror.sync() if self.mirror is not None else False
+            self._learn_thumbprint()
+        except OSError as error:
+            self._store_failed(error)
+            return False
+        except StoreUnsafe as error:
+            # Found once the store answered (it was down at start): use nothing of it.
+            self._store_failed(OSError(str(error)))
+            return False
+        if self.store_error is not None:
+            log.info("the state store answers again")
+        self.store_error = None
+        self.metrics.state_store_up.set(1)
+        return changed
+
+    def _publish_cache(self) -> bool:
+        """No shared record yet, but a servable pair here (a single instance becoming
+        replicas): it becomes the record, so the others serve it instead of ordering."""
+        pair, problem = self.source.current(utcnow())
+        if pair is None or problem is not None:
+            return False
+        try:
+            sharedcert.commit(self.storage, pair, self.settings.directory, None, utcnow())
+        except StorageConflict:
+            return False  # another replica made the record first: the next look takes it
+        log.info("published the cached %s as the shared certificate", pair.describe())
+        return True
+
+    def _follow_users(self) -> None:
+        """Rewrite the htpasswd file when another replica changed the users."""
+        assert self.users is not None
+        while not self._stopping.wait(self.settings.state.poll_interval):
+            if not self._users_ready:
+                continue  # the loop prepares them first, once the store answers
+            try:
+                self.users.refresh()
+            except OSError:
+                pass  # the loop notices the store is down and says so
+            except Exception:  # the thread must outlive a bad record
+                log.exception("reading the shared users failed")
+
+    def _store_failed(self, error: OSError) -> None:
+        if self.store_error is None:
+            log.error(
+                "the state store cannot be reached (%s): serving the cached certificate, "
+                "placing no orders, refusing user changes",
+                error,
+            )
+        self.store_error = str(error) or type(error).__name__
+        self.metrics.state_store_up.set(0)
+
+    def _serve_cache(self) -> None:
+        """The store is down: keep serving (or start serving) the pair in CERT_DIR."""
+        users_cached = self.users is None or self.users.htpasswd_path.exists()
+        if not self._configured or not (self._users_ready or users_cached):
+            return  # no http.secret or htpasswd yet: this replica stays unready
+        pair = self.source.store.load_quietly()
+        if pair is None or pair.names != frozenset(self.settings.domains):
+            return
+        if utcnow() >= pair.not_after:
+            return
+        self._serve(pair)
+
+    def _learn_thumbprint(self) -> None:
+        """STATE_STATELESS_CHALLENGES: the account key's thumbprint, known before the store
+        goes down (the account is made by the first order)."""
+        remote = self.remote_challenges
+        if remote is None or not remote.stateless or remote.thumbprint is not None:
+            return
+        pem = self.storage.load_bytes(statekeys.account_key(self.settings.directory_id))
+        if pem is None:
+            return
+        try:
+            remote.thumbprint = account_thumbprint(pem)
+        except ValueError as error:
+            log.error("STATE_STATELESS_CHALLENGES: %s", error)
+
     def _maintain_gc(self) -> float:
-        """A scheduled collection when due; seconds until the next one (inf when off)."""
+        """Start a scheduled collection when due (on its own thread: a long one never holds
+        up this loop); seconds until the next one (inf when off)."""
         try:
             if self.generations.current() is not None:
                 self.gc.run_if_due(utcnow())
@@ -245,7 +438,9 @@ class Agent:
         if served is not None and served != pair.fingerprint:
             log.info("rotating the registry to %s", pair.describe())
             # With a shared socket the old generation stops only once the new pair is served.
-            with self._registry_lock:  # never inside a collection's read-only window
+            # Never during a collection's switch into or out of its read-only window; inside
+            # the window the new generation is read-only too (RegistryGenerations.rotate).
+            with self._registry_lock:
                 self.generations.rotate(
                     serving=lambda: self._probe(request=False).fingerprint == pair.fingerprint
                 )
@@ -310,6 +505,11 @@ class Agent:
         refused = self.source.renewal_refused()
         if refused:
             return {"ok": False, "error": refused}
+        if self.store_error is not None:
+            return {
+                "ok": False,
+                "error": f"the state store cannot be reached ({self.store_error}): no order",
+            }
         if request.get("dry_run"):
             return self.source.dry_run().answer()
         renewal: Renewal = Future()
@@ -326,8 +526,7 @@ class Agent:
     def _gc(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.generations.current() is None:
             return {"ok": False, "error": "the registry does not run yet"}
-        report = self.gc.run(dry_run=bool(request.get("dry_run")))
-        return gc_answer(report, self.gc.tag_delete)
+        return self.gc.request(dry_run=bool(request.get("dry_run")))
 
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         now = utcnow()
@@ -342,6 +541,11 @@ class Agent:
             "next_check": state["next_check"],
             "backoff": state["backoff"],
             "gc": self.gc.status(),
+            "state_store": {
+                "store": self.settings.state.store,
+                "reachable": self.store_error is None,
+                "error": self.store_error,
+            },
         }
         if "dns_persist_problem" in state:
             answer["dns_persist_problem"] = state["dns_persist_problem"]

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -316,6 +317,11 @@ class UserStore:
         # a new salt on every sync would rewrite the file (and reload the registry) each time.
         self._env_hashes: dict[str, str] = {}
         self._state_cache: tuple[bytes | None, _State] | None = None
+        # refresh(): the stored users' version last written into the htpasswd file, and
+        # the threads of this process writing that file one at a time.
+        self._refreshed: str | None = None
+        self._refreshed_once = False
+        self._file_lock = threading.Lock()
 
     # -- operations --------------------------------------------------------------------------
 
@@ -430,6 +436,21 @@ class UserStore:
         """Write the htpasswd file if its content would change; True when it was written."""
         with self._locked():
             return self._sync()
+
+    def refresh(self) -> bool:
+        """Rewrite the htpasswd file when the stored users changed since the last look
+        (another replica's ``user add``): one read, no lock. True when it was written."""
+        # A conditional GET: unchanged users cost no body (and no decryption).
+        if self._refreshed_once:
+            changed, found = self.storage.load_if_changed(statekeys.USERS, self._refreshed)
+            if not changed:
+                return False
+        else:
+            found = self.storage.load(statekeys.USERS)
+        written = self._sync(self._parse(found.data if found is not None else None))
+        self._refreshed = found.version if found is not None else None
+        self._refreshed_once = True
+        return written
 
     def ensure_initial_admin(self) -> str | None:
         """Create the first ``admin`` when nobody else can log in; a message to log, or None.
@@ -555,7 +576,11 @@ class UserStore:
         self._env_hashes[name] = hashed
         return hashed
 
-    def _sync(self) -> bool:
+    def _sync(self, state: _State | None = None) -> bool:
+        with self._file_lock:
+            return self._write_htpasswd(state or self._load())
+
+    def _write_htpasswd(self, state: _State) -> bool:
         path = self.htpasswd_path
         try:
             old_bytes: bytes | None = path.read_bytes()
@@ -563,7 +588,7 @@ class UserStore:
         except FileNotFoundError:
             old_bytes, old_mtime = None, 0
         current = parse_htpasswd(old_bytes.decode(errors="replace")) if old_bytes else {}
-        entries = dict(self._load().users)
+        entries = dict(state.users)
         for name in sorted(set(entries) & set(self.env_users)):
             log.warning(
                 "run-time user %s is shadowed by %s; the environment's password applies",
@@ -613,6 +638,11 @@ def control_handlers(
             return {"ok": True, **action()}
         except AuthError as error:
             return {"ok": False, "error": str(error)}
+        except OSError as error:  # the state store is down (or DATA_DIR unwritable)
+            return {
+                "ok": False,
+                "error": f"users cannot be read or changed now: the state store failed: {error}",
+            }
 
     def add(request: dict[str, Any]) -> dict[str, Any]:
         name, password = request.get("name"), request.get("password")

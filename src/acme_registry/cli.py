@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     issue = commands.add_parser("issue", help=argparse.SUPPRESS)
     issue.add_argument("--replaces", default=None)
     issue.add_argument("--dry-run", action="store_true")
+    # A shared store: the certificate record's version the agent saw ("" when absent),
+    # and when the agent started (unix seconds).
+    issue.add_argument("--record-version", default=None)
+    issue.add_argument("--agent-started", type=float, default=None)
     args = parser.parse_args(argv)
 
     if args.command in ("health", "status", "renew"):
@@ -112,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         return _dns_persist_record(settings, as_json=args.json)
     from .issuer import run
 
-    result = run(settings, replaces=args.replaces, dry_run=args.dry_run)
+    result = run(
+        settings,
+        replaces=args.replaces,
+        dry_run=args.dry_run,
+        record_version=args.record_version,
+        agent_started=args.agent_started,
+    )
     print(result.to_json(), flush=True)
     return 0 if result.ok else 1
 
@@ -241,6 +251,9 @@ def _gc(args: argparse.Namespace) -> int:
     if args.dry_run and answer.get("lines"):
         print("\n".join(answer["lines"]))
         return 0
+    if answer.get("joined"):
+        # One run at a time: this one was going already; its result is the answer.
+        print(f"{answer['joined']} was in progress; waited for it to finish; its result:")
     if not answer.get("ok"):
         print(f"acme-registry: garbage collection failed: {answer.get('error')}", file=sys.stderr)
         return 1
@@ -357,6 +370,12 @@ def _format_status(answer: dict[str, Any]) -> str:
             f"backoff:     {backoff['failures']} failure(s) in a row",
             f"next try:    {backoff.get('next_attempt')}",
         ]
+    shared = answer.get("state_store") or {}
+    if shared.get("store") not in (None, "file"):
+        reachable = "reachable"
+        if not shared.get("reachable"):
+            reachable = f"UNREACHABLE: {shared.get('error')}"
+        lines.append(f"state store: {shared['store']}, {reachable}")
     return "\n".join(lines + _format_gc_status(answer.get("gc")))
 
 

@@ -57,6 +57,8 @@ MANIFEST_ACCEPT = ", ".join(
 )
 _VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 _OUTPUT_TAIL = 2000
+# A rotation on 2.x refuses connections for a few ms; 50 ms later it serves again.
+REFUSED_RETRY_DELAY = 0.05
 # Running garbage-collect processes (each in its own session), for stop_running().
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
@@ -88,23 +90,29 @@ def supports_tag_delete(version_output: str) -> bool:
 
 
 def collection_refusal(
-    *, state_store_shared: bool, blob_descriptor_cache: str | None
+    *,
+    shared_state_store: str | None,
+    blob_descriptor_cache: str | None,
+    redis_addr: str | None = None,
 ) -> str | None:
     """Why a collection must not start with several replicas, or None when it may.
 
     Collection is safe only when every writer is read-only before the mark phase starts and
     no cache remembers a swept blob after; one replica can promise that, several cannot yet.
+    ``shared_state_store`` is STATE_STORE's value when it is not ``file``; ``redis_addr``
+    REGISTRY_REDIS_ADDR(S) (a Redis the registry's blob descriptor cache may use).
     Retention's tag removal alone may still run.
     """
-    if state_store_shared:
+    if shared_state_store:
         return (
-            "garbage collection refused: the state store is shared (several replicas); "
-            "every replica would have to be read-only first"
+            f"garbage collection refused: STATE_STORE={shared_state_store} is shared by "
+            "several replicas; every replica would have to be read-only first"
         )
-    if (blob_descriptor_cache or "").strip().lower() == "redis":
+    if (blob_descriptor_cache or "").strip().lower() == "redis" or (redis_addr or "").strip():
         return (
-            "garbage collection refused: a Redis blob descriptor cache is configured; "
-            "it would keep answering for swept blobs"
+            "garbage collection refused: a Redis blob descriptor cache is configured "
+            "(REGISTRY_REDIS_ADDR or REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR=redis); it would "
+            "keep answering for swept blobs"
         )
     return None
 
@@ -118,12 +126,15 @@ class RegistryApi:
         self.session = session
         self.timeout = timeout
 
-    def manifest_digest(self, repository: str, reference: str) -> str | None:
+    def manifest_digest(
+        self, repository: str, reference: str, timeout: float | None = None
+    ) -> str | None:
         """The digest ``reference`` (a tag) resolves to now; None if it does not exist."""
-        response = self.session.head(
+        response = self._request(
+            "HEAD",
             f"{self.base_url}/v2/{repository}/manifests/{reference}",
-            headers={"Accept": MANIFEST_ACCEPT},
-            timeout=self.timeout,
+            timeout,
+            {"Accept": MANIFEST_ACCEPT},
         )
         if response.status_code == 404:
             return None
@@ -131,12 +142,31 @@ class RegistryApi:
             raise GcError(f"HEAD {repository}:{reference}: HTTP {response.status_code}")
         return response.headers.get("Docker-Content-Digest")
 
-    def delete_manifest(self, repository: str, reference: str) -> int:
+    def delete_manifest(self, repository: str, reference: str, timeout: float | None = None) -> int:
         """DELETE a manifest by digest (or a tag, on 3.x); returns the HTTP status."""
-        response = self.session.delete(
-            f"{self.base_url}/v2/{repository}/manifests/{reference}", timeout=self.timeout
+        response = self._request(
+            "DELETE", f"{self.base_url}/v2/{repository}/manifests/{reference}", timeout
         )
         return response.status_code
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        timeout: float | None,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """``timeout`` caps the call (what is left of the run); a refused connect is tried
+        once more: on 2.x a certificate rotation refuses connections for milliseconds, and
+        a refused connect sent nothing, so repeating it (a DELETE too) is safe."""
+        seconds = self.timeout if timeout is None else max(0.001, min(self.timeout, timeout))
+        try:
+            return self.session.request(method, url, headers=headers, timeout=seconds)
+        except requests.ConnectionError as error:
+            if "refused" not in str(error).lower():
+                raise
+            time.sleep(REFUSED_RETRY_DELAY)
+            return self.session.request(method, url, headers=headers, timeout=seconds)
 
 
 @dataclass
@@ -145,6 +175,27 @@ class ApplyResult:
     deleted_manifests: list[str] = field(default_factory=list)  # repo@digest
     kept: list[tuple[str, str]] = field(default_factory=list)  # (repo:tag, why) not removed
     errors: list[str] = field(default_factory=list)
+    # The run's deadline came before every selected delete was done (the rest stays).
+    timed_out: bool = False
+
+
+class _OutOfTime(Exception):
+    """The run's GC_TIMEOUT is spent: the delete phase stops where it is."""
+
+
+class _Deadline:
+    """What is left of the run for each API call (None: no deadline)."""
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+    def left(self) -> float | None:
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise _OutOfTime
+        return left
 
 
 @dataclass(frozen=True)
@@ -193,6 +244,7 @@ class GcReport:
             "freed_bytes": self.freed_bytes,
             "announced_bytes": self.plan.collectable_bytes if self.plan else None,
             "readonly_seconds": round(collected.readonly_seconds, 3) if collected else None,
+            "collect_seconds": round(collected.seconds, 3) if collected else None,
             "error": self.error_line(),
         }
 
@@ -231,9 +283,36 @@ def describe_plan(plan: Plan, *, tag_delete: bool) -> list[str]:
     return lines
 
 
-def apply_plan(plan: Plan, api: RegistryApi, tree: TreeStore, *, tag_delete: bool) -> ApplyResult:
-    """Delete what ``plan`` selected, skipping anything that moved since it was made."""
+def apply_plan(
+    plan: Plan,
+    api: RegistryApi,
+    tree: TreeStore,
+    *,
+    tag_delete: bool,
+    deadline: float | None = None,
+) -> ApplyResult:
+    """Delete what ``plan`` selected, skipping anything that moved since it was made.
+
+    ``deadline`` (``time.monotonic()``) bounds the phase: each call gets at most what is
+    left, and once it is spent nothing more is deleted (``timed_out``); a hung registry
+    cannot hold the run past GC_TIMEOUT.
+    """
     result = ApplyResult()
+    try:
+        _apply(plan, api, tree, tag_delete, _Deadline(deadline), result)
+    except _OutOfTime:
+        result.timed_out = True
+    return result
+
+
+def _apply(
+    plan: Plan,
+    api: RegistryApi,
+    tree: TreeStore,
+    tag_delete: bool,
+    deadline: _Deadline,
+    result: ApplyResult,
+) -> None:
     planned = {(d.repository, d.digest) for d in plan.delete_manifests}
     parents: dict[tuple[str, str], set[str]] = {}
     snapshot_children = _children_in_plan(plan, tree)
@@ -246,14 +325,14 @@ def apply_plan(plan: Plan, api: RegistryApi, tree: TreeStore, *, tag_delete: boo
     ordered = sorted(plan.delete_manifests, key=lambda d: _is_signature_delete(d))
     for delete in ordered:
         key = (delete.repository, delete.digest)
-        why = _blocked(delete, parents.get(key, set()), done, planned, api, tree)
+        why = _blocked(delete, parents.get(key, set()), done, planned, api, tree, deadline)
         if why is not None:
             result.kept.extend(
                 (f"{delete.repository}:{t}", why.get(t, why[""])) for t in delete.tags
             )
             continue
         try:
-            status = api.delete_manifest(delete.repository, delete.digest)
+            status = api.delete_manifest(delete.repository, delete.digest, deadline.left())
         except requests.RequestException as exc:
             result.errors.append(f"DELETE {delete.repository}@{delete.digest}: {exc}")
             continue
@@ -272,10 +351,10 @@ def apply_plan(plan: Plan, api: RegistryApi, tree: TreeStore, *, tag_delete: boo
             result.kept.append((tag.ref, "the image it signs was kept"))
             continue
         try:
-            if api.manifest_digest(tag.repository, tag.name) != tag.digest:
+            if api.manifest_digest(tag.repository, tag.name, deadline.left()) != tag.digest:
                 result.kept.append((tag.ref, "moved since it was selected"))
                 continue
-            status = api.delete_manifest(tag.repository, tag.name)
+            status = api.delete_manifest(tag.repository, tag.name, deadline.left())
         except (requests.RequestException, GcError) as exc:
             result.errors.append(f"DELETE {tag.ref}: {exc}")
             continue
@@ -283,7 +362,6 @@ def apply_plan(plan: Plan, api: RegistryApi, tree: TreeStore, *, tag_delete: boo
             result.removed_tags.append(tag.ref)
         else:
             result.errors.append(f"DELETE {tag.ref}: HTTP {status}")
-    return result
 
 
 def garbage_collect(
@@ -343,9 +421,15 @@ def collect(
     timeout: dt.timedelta,
     enter_readonly: Callable[[], None],
     leave_readonly: Callable[[], None],
+    deadline: float | None = None,
 ) -> CollectResult:
-    """The read-only window: count, collect, and always serve read-write again."""
-    deadline = time.monotonic() + timeout.total_seconds()
+    """The read-only window: count, collect, and always serve read-write again.
+
+    garbage-collect is stopped at ``deadline`` (``time.monotonic()``: the run's, which
+    started before the deletes), or ``timeout`` from now without one.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + timeout.total_seconds()
     window_start = time.monotonic()
     try:
         enter_readonly()
@@ -355,10 +439,10 @@ def collect(
         try:
             seconds, tail = garbage_collect(binary, config, env, deadline - time.monotonic())
         except GcTimeout:
-            # The window counts from its start (the switch to read-only included), so name
-            # the setting's value, not what was left of it for garbage-collect.
+            # The bound is the run's (deletes and the switch to read-only included), so
+            # name the setting's value, not what was left of it for garbage-collect.
             raise GcTimeout(
-                f"garbage-collect stopped: the read-only window reached the "
+                f"garbage-collect stopped: the run reached the "
                 f"{timeout.total_seconds():.0f} s GC_TIMEOUT"
             ) from None
     finally:
@@ -388,16 +472,29 @@ def run_gc(
     retention still runs. ``dry_run`` only plans.
     """
     started = now or dt.datetime.now(dt.UTC)
+    # GC_TIMEOUT bounds the whole run: the snapshot, retention's deletes, the window.
+    deadline = time.monotonic() + timeout.total_seconds()
     report = GcReport(started=started, dry_run=dry_run)
     try:
         _, report.plan = plan_run(tree, rules, started)
         if dry_run:
             report.result = "dry_run"
             return report
-        report.apply = apply_plan(report.plan, api, tree, tag_delete=tag_delete)
+        report.apply = apply_plan(report.plan, api, tree, tag_delete=tag_delete, deadline=deadline)
+        if report.apply.timed_out:
+            raise GcTimeout(
+                f"retention's deletes stopped: the run reached the "
+                f"{timeout.total_seconds():.0f} s GC_TIMEOUT ({report.tags_removed} tag(s) "
+                f"removed before it; no collection)"
+            )
         if refusal is not None:
             report.errors.append(refusal)
             report.result = "refused"
+            return report
+        if not tree.list("repositories"):
+            # Nothing was ever pushed: nothing to mark, and 3.x's garbage-collect fails on
+            # the missing directory ("Path not found: /docker/registry/v2/repositories").
+            report.collect = CollectResult(0, 0.0, 0.0, "no repository yet: nothing to collect")
             return report
         report.collect = collect(
             tree,
@@ -407,6 +504,7 @@ def run_gc(
             timeout=timeout,
             enter_readonly=enter_readonly,
             leave_readonly=leave_readonly,
+            deadline=deadline,
         )
     except GcTimeout as exc:
         report.errors.append(str(exc))
@@ -450,6 +548,7 @@ def _blocked(
     planned: set[tuple[str, str]],
     api: RegistryApi,
     tree: TreeStore,
+    deadline: _Deadline,
 ) -> dict[str, str] | None:
     """Why ``delete`` must not happen now (by tag, ``""`` for the rest), or None when
     everything is as it was selected."""
@@ -461,7 +560,9 @@ def _blocked(
         if subject and (repo, subject) in planned and (repo, subject) not in done:
             return {"": "the image it signs was kept"}
     try:
-        moved = [t for t in delete.tags if api.manifest_digest(repo, t) != delete.digest]
+        moved = [
+            t for t in delete.tags if api.manifest_digest(repo, t, deadline.left()) != delete.digest
+        ]
     except (requests.RequestException, GcError) as exc:
         return {"": f"could not re-check: {exc}"}
     if moved:

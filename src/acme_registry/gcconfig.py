@@ -23,8 +23,9 @@ Variables (all optional; retention is off until a KEEP rule is set):
                                 interval since 1970-01-01T00:00Z (so `every 6h` runs at
                                 00:00, 06:00, 12:00, 18:00 and a restart does not shift it)
 ``GC_TIMEOUT``
-    the longest a collection (the read-only window) may take: ``N{s,m,h}`` or plain seconds;
-    default ``30m``. Past it the collection is stopped and the registry serves read-write.
+    the longest a whole run (retention's API deletes, then the read-only window) may take:
+    ``N{s,m,h}`` or plain seconds; default ``30m``. Past it the run stops where it is
+    (deletes not made yet stay for the next run) and the registry serves read-write.
 
 Patterns: ``*`` matches any run of characters, ``/`` included (``team/*`` matches
 ``team/a/b``); every other character matches itself. Tag patterns may use the characters of a
@@ -113,6 +114,19 @@ class GcSettings:
     retention: RetentionRules
     schedule: Schedule
     timeout: dt.timedelta = DEFAULT_TIMEOUT
+    # STATE_STORE when it is shared by several replicas (anything but ``file``): then a
+    # collection is refused, since every replica would have to be read-only first.
+    shared_state_store: str | None = None
+
+
+def shared_state_store(env: Mapping[str, str]) -> str | None:
+    """STATE_STORE's raw value when it names a store replicas share, else None.
+
+    Read here as it is (the state store's own settings are validated elsewhere): whatever
+    shared backend it names, one replica cannot make the others read-only.
+    """
+    value = env.get("STATE_STORE", "").strip()
+    return None if value.lower() in ("", "file") else value
 
 
 def unknown_gc_variable(env: Mapping[str, str]) -> str | None:
@@ -151,6 +165,7 @@ def load_gc_settings(env: Mapping[str, str]) -> GcSettings:
         retention=retention,
         schedule=parse_schedule(raw_schedule),
         timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+        shared_state_store=shared_state_store(env),
     )
 
 

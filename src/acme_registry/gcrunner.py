@@ -4,9 +4,15 @@
 pair of generation switches (:meth:`RegistryGenerations.enter_readonly` /
 ``leave_readonly``), the API calls go to the served port as an internal htpasswd user, and
 each run is recorded in ``DATA_DIR/state/gc.json`` (for ``status``) and in the metrics.
-One run at a time, and never while a certificate rotation switches generations: both
-hold the agent's registry lock. :mod:`gc` (and with it requests) is imported at the first
-run only: the long-running agent stays small when no collection runs.
+
+One run at a time. A scheduled run goes on a thread of its own, so a long collection never
+holds up the maintenance loop (a renewal, a `renew` request); `acme-registry gc` during a
+run waits for that run and answers with its result, saying so. Only the generation switches
+(into the read-only window, out of it) hold the agent's registry lock, as a certificate
+rotation does: a rotation inside the window starts a read-only generation on the new
+certificate (:meth:`RegistryGenerations.rotate`), and the window's end moves to read-write
+with it. :mod:`gc` (and with it requests) is imported at the first run only: the
+long-running agent stays small when no collection runs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +71,14 @@ def filesystem_storage(registry_env: Mapping[str, str]) -> bool:
 def blob_descriptor_cache(registry_env: Mapping[str, str]) -> str | None:
     for name, value in registry_env.items():
         if name.upper() == "REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR":
+            return value
+    return None
+
+
+def redis_addr(registry_env: Mapping[str, str]) -> str | None:
+    """REGISTRY_REDIS_ADDR (2.x), or REGISTRY_REDIS_ADDRS (3.x's list), when set."""
+    for name, value in registry_env.items():
+        if name.upper() in ("REGISTRY_REDIS_ADDR", "REGISTRY_REDIS_ADDRS") and value.strip():
             return value
     return None
 
@@ -145,7 +160,10 @@ class GcRunner:
         self._tag_delete: bool | None = None
         self._next: dt.datetime | None = None
         self._bytes_at = 0.0
-        self._run_lock = threading.Lock()
+        # The run going on (None or done: none), what started it and when, for a joiner.
+        self._state_lock = threading.Lock()
+        self._current: Future[gc.GcReport] | None = None
+        self._current_what = ""
 
     # -- the schedule -----------------------------------------------------------------------
 
@@ -168,16 +186,30 @@ class GcRunner:
         return max(0.0, (self._next - now).total_seconds())
 
     def run_if_due(self, now: dt.datetime) -> None:
-        """The maintenance loop's step: a scheduled run when its time has come, and the
-        storage gauge now and then."""
+        """The maintenance loop's step: start a scheduled run on its own thread when its
+        time has come (never waits for it), and refresh the storage gauge now and then."""
         if self._next is not None and now >= self._next:
-            started = now
-            report = self.run(dry_run=False)
-            # Strictly after the slot that ran: a long run never runs the same slot twice.
-            self._next = next_run(self.settings.gc.schedule, max(started, report.started))
-            log.info("next garbage collection %s", self._next)
-        elif time.monotonic() - self._bytes_at > STORAGE_BYTES_REFRESH:
+            # Strictly after now: a run longer than the interval skips the slots it covers.
+            self._next = next_run(self.settings.gc.schedule, now)
+            claimed = self._claim(f"a scheduled run started at {now.isoformat()}")
+            if claimed is None:
+                log.warning(
+                    "scheduled garbage collection skipped: %s is still going; next %s",
+                    self._current_what,
+                    self._next,
+                )
+                return
+            threading.Thread(
+                target=self._execute, args=(claimed,), name="gc-scheduled", daemon=True
+            ).start()
+            log.info("scheduled garbage collection started; next %s", self._next)
+        elif time.monotonic() - self._bytes_at > STORAGE_BYTES_REFRESH and not self.running:
             self.refresh_storage_bytes()
+
+    @property
+    def running(self) -> bool:
+        with self._state_lock:
+            return self._current is not None and not self._current.done()
 
     def refresh_storage_bytes(self) -> None:
         self._bytes_at = time.monotonic()
@@ -190,11 +222,45 @@ class GcRunner:
 
     # -- one run ----------------------------------------------------------------------------
 
-    def run(self, *, dry_run: bool) -> gc.GcReport:
-        """One run now (the schedule's or `acme-registry gc`); never raises."""
-        with self._run_lock, self.lock:
-            report = self._run_locked(dry_run)
-        if not dry_run:
+    def request(self, *, dry_run: bool) -> dict[str, Any]:
+        """`acme-registry gc [--dry-run]`: the control socket's answer, once the run is done.
+
+        A dry run only reads, so it runs at once, beside a run that may be going. Otherwise,
+        when a run is going already (the schedule's, or another `gc`), this waits for it and
+        answers with its result, with ``joined`` saying whose it was: one run at a time,
+        and the caller still learns how the run it asked for went.
+        """
+        if dry_run:
+            return answer(self._run_once(dry_run=True), self.tag_delete)
+        claimed = self._claim(f"a run asked for at {dt.datetime.now(dt.UTC).isoformat()}")
+        if claimed is not None:
+            return answer(self._execute(claimed), self.tag_delete)
+        with self._state_lock:
+            going, what = self._current, self._current_what
+        assert going is not None  # the claim failed: a run was going
+        return {**answer(going.result(), self.tag_delete), "joined": what}
+
+    def _claim(self, what: str) -> Future[gc.GcReport] | None:
+        """The right to run (a future its report goes to), or None while one is going."""
+        with self._state_lock:
+            if self._current is not None and not self._current.done():
+                return None
+            self._current = Future()
+            self._current.set_running_or_notify_cancel()
+            self._current_what = what
+            return self._current
+
+    def _execute(self, claimed: Future[gc.GcReport]) -> gc.GcReport:
+        """The claimed run: retention, the window, the record; its report goes to
+        ``claimed`` on every path, so a joiner is always answered."""
+        from . import gc
+
+        report: gc.GcReport | None = None
+        try:
+            try:
+                report = self._run_once(dry_run=False)
+            except Exception as error:  # _run_once reports its own failures; a bug here
+                report = _failed(gc, str(error) or type(error).__name__)
             self.metrics.record(report)
             self._remember(report)
             self.refresh_storage_bytes()
@@ -207,11 +273,13 @@ class GcRunner:
                 report.freed_bytes,
                 f"; {report.error_line()}" if report.error_line() else "",
             )
-        return report
+            return report
+        finally:
+            claimed.set_result(report or _failed(gc, "the run was interrupted"))
 
     def stop(self) -> None:
         """The agent is stopping: no garbage-collect may outlive it."""
-        if self._run_lock.locked():
+        if self.running:
             from . import gc
 
             gc.stop_running()
@@ -225,12 +293,13 @@ class GcRunner:
             )
         return self._tag_delete
 
-    def _run_locked(self, dry_run: bool) -> gc.GcReport:
+    def _run_once(self, dry_run: bool) -> gc.GcReport:
         from . import gc
 
         try:
             tag_delete = self.tag_delete()
-            config = self.generations.write_collection_config()
+            # A dry run writes nothing: it may run beside a real one.
+            config = self.generations.write_collection_config() if not dry_run else Path()
         except (OSError, gc.GcError) as error:
             report = gc.GcReport(started=dt.datetime.now(dt.UTC), dry_run=dry_run)
             report.errors.append(str(error))
@@ -250,8 +319,9 @@ class GcRunner:
                 leave_readonly=self._leave_readonly,
                 tag_delete=tag_delete,
                 refusal=gc.collection_refusal(
-                    state_store_shared=False,
+                    shared_state_store=self.settings.gc.shared_state_store,
                     blob_descriptor_cache=blob_descriptor_cache(self.settings.registry_env),
+                    redis_addr=redis_addr(self.settings.registry_env),
                 ),
                 dry_run=dry_run,
             )
@@ -261,13 +331,15 @@ class GcRunner:
 
     def _enter_readonly(self) -> None:
         self.metrics.readonly.set(1)
-        self.generations.enter_readonly()
+        with self.lock:  # never in the middle of a certificate rotation
+            self.generations.enter_readonly()
         self.generation_started()
 
     def _leave_readonly(self) -> None:
-        # Always end read-write, even when entering failed half-way.
-        self.generations.readonly = True
-        self.generations.leave_readonly()
+        with self.lock:
+            # Always end read-write, even when entering failed half-way.
+            self.generations.readonly = True
+            self.generations.leave_readonly()
         self.generation_started()
         self.metrics.readonly.set(0)
 
@@ -316,6 +388,14 @@ class GcRunner:
             "last_success": state.get("last_success"),
             "retention": _describe_rules(rules) if rules.enabled else "off",
         }
+
+
+def _failed(gc_module: Any, error: str) -> gc.GcReport:
+    report: gc.GcReport = gc_module.GcReport(started=dt.datetime.now(dt.UTC), dry_run=False)
+    report.errors.append(error)
+    report.result = "error"
+    report.finished = report.started
+    return report
 
 
 def answer(report: gc.GcReport, tag_delete: Callable[[], bool]) -> dict[str, Any]:

@@ -17,6 +17,12 @@ from .storage import Storage
 
 def store_issued(settings: Settings, storage: Storage, pair: CertificatePair) -> None:
     """Keep a newly issued pair: its record first, then the pair into CERT_DIR."""
+    record_issued(settings, storage, pair)
+    CertStore(settings.cert_dir).save(pair)
+
+
+def record_issued(settings: Settings, storage: Storage, pair: CertificatePair) -> None:
+    """The issuance record of a newly issued pair (before the pair is served anywhere)."""
     storage.store_json(
         statekeys.issued(pair.fingerprint),
         {
@@ -25,7 +31,6 @@ def store_issued(settings: Settings, storage: Storage, pair: CertificatePair) ->
             "names": sorted(pair.names),
         },
     )
-    CertStore(settings.cert_dir).save(pair)
 
 
 def issued_by(storage: Storage, fingerprint: str) -> str | None:

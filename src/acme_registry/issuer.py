@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -23,9 +24,18 @@ from acme import client as acme_client
 from acme import errors, messages
 from cryptography import x509
 
-from . import __version__, dnschallenge, dnspersist, issued, keys, schedule, statekeys
+from . import (
+    __version__,
+    dnschallenge,
+    dnspersist,
+    issued,
+    keys,
+    schedule,
+    sharedcert,
+    statekeys,
+)
 from .account import ACCOUNT_ALG, Account
-from .certstore import CertificatePair, parse_pair
+from .certstore import CertificatePair, CertStore, parse_pair
 from .challenges import PendingChallenges
 from .config import ConfigError, Settings
 from .dnsconfig import DNS_01, DNS_PERSIST_01
@@ -34,7 +44,7 @@ from .dnsproviders import DnsError, DnsProvider, provider_for
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
 from .statestore import open_storage
-from .storage import Storage
+from .storage import FileStorage, LockTimeout, Storage, StorageConflict
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ BAD_NONCE_RETRIES = 10
 TRANSIENT_RETRIES = 4
 POLL_FIRST = 0.05
 POLL_MAX = 2.0
+# A shared store: how long an orderer waits for another's lock (the agent gives the child
+# sources.ISSUANCE_TIMEOUT in all, and the order itself may take ORDER_TIMEOUT).
+LOCK_WAIT = 90.0
 
 
 class IssuanceError(Exception):
@@ -137,11 +150,14 @@ class Issuer:
         storage: Storage,
         account: Account,
         challenges: PendingChallenges,
+        lost: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.account = account
         self.challenges = challenges
+        # Set when the issuance lock is no longer ours (a shared store): stop ordering.
+        self.lost = lost
         self.net: Network | None = None
         self._dns_provider: DnsProvider | None = None
         # (step, seconds) of every request, for the agent's ACME latency metric.
@@ -189,13 +205,22 @@ class Issuer:
         finally:
             for token in answered:
                 self.challenges.remove(token)
+            self.challenges.finish()
             if records:
                 self._cleanup_dns01(records)
 
         # Recorded before finalizing: an agent killed after this point picks up the
         # issued certificate on its next start instead of placing another order.
+        self._check_lock()
         self._remember_pending(order.uri, key)
         return self._complete(client, order.uri, key, csr, deadline)
+
+    def _check_lock(self) -> None:
+        if self.lost is not None and self.lost.is_set():
+            raise IssuanceError(
+                "the issuance lock was lost (another replica took it over); stopping this order",
+                FailureReason.STORAGE,
+            )
 
     def _new_order(
         self,
@@ -460,6 +485,7 @@ class Issuer:
         name = authz.body.identifier.value
         pause = POLL_FIRST
         while True:
+            self._check_lock()
             authz, response = self._call("poll authorization", partial(client.poll, authz), client)
             status = authz.body.status
             if status == messages.STATUS_VALID:
@@ -482,6 +508,7 @@ class Issuer:
         pause = POLL_FIRST
         finalized = False
         while True:
+            self._check_lock()
             response = self._call("poll order", partial(client._post_as_get, order_url), client)
             body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_INVALID:
@@ -639,16 +666,30 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) -> IssuanceResult:
+def run(
+    settings: Settings,
+    replaces: str | None = None,
+    dry_run: bool = False,
+    record_version: str | None = None,
+    agent_started: float | None = None,
+) -> IssuanceResult:
     """The issuing child process: one order, then (a step of its own) storing what it got.
 
     A dry run orders from the dry-run directory and stores nothing. The result always
     comes back, whatever failed: the agent counts it and backs off by its reason.
+
+    With a shared store (several replicas): the issuance lock is held with a lease, renewed
+    by the lock's own thread; under it the certificate record is read first, and when it is
+    no longer at ``record_version`` (the version the agent saw; "" for none) another replica
+    has committed meanwhile: that certificate is taken, and no order is placed. A new
+    certificate is committed only if the record is still as read (:mod:`sharedcert`).
     """
     if dry_run:
         settings = dataclasses.replace(settings, directory=settings.dry_run_directory)
         replaces = None
     storage = open_storage(settings)
+    shared = settings.state.shared
+    local = FileStorage(settings.data_dir) if shared else storage
     started = time.monotonic()
     issuer: Issuer | None = None
 
@@ -664,33 +705,130 @@ def run(settings: Settings, replaces: str | None = None, dry_run: bool = False) 
             timings=issuer.timings if issuer else (),
         )
 
+    def succeeded(pair: CertificatePair, adopted: bool = False) -> IssuanceResult:
+        return IssuanceResult(
+            ok=True,
+            fingerprint=pair.fingerprint,
+            serial=f"{pair.serial:x}",
+            not_after=pair.not_after,
+            dry_run=dry_run,
+            seconds=time.monotonic() - started,
+            timings=tuple(issuer.timings) if issuer else (),
+            adopted=adopted,
+        )
+
     try:
-        with storage.lock(statekeys.ISSUANCE_LOCK):
+        # The shared store's lock renews its lease from a thread of its own while held.
+        with storage.lock(
+            statekeys.ISSUANCE_LOCK,
+            lease=settings.state.lock_lease,
+            timeout=LOCK_WAIT if shared else None,
+        ) as lock:
+            record: sharedcert.CertificateRecord | None = None
+            if shared and not dry_run:
+                record = sharedcert.load(storage)
+                taken = _committed_meanwhile(settings, record, record_version, agent_started)
+                if taken is not None:
+                    return succeeded(taken, adopted=True)
             issuer = Issuer(
-                settings, storage, Account(settings, storage), PendingChallenges(storage)
+                settings,
+                storage,
+                Account(settings, storage),
+                PendingChallenges(local, storage if shared else None),
+                lock.lost if shared else None,
             )
             pair = issuer.obtain(replaces=replaces)
-            if not dry_run:
+            if shared and not dry_run:
+                kept = _commit_shared(settings, storage, pair, record)
+                if kept is not pair:
+                    return succeeded(kept, adopted=True)
+            elif not dry_run:
                 issued.store_issued(settings, storage, pair)
     except IssuanceError as error:
         return failed(str(error), error.reason, error.retry_after)
+    except LockTimeout as error:
+        return failed(f"another replica is ordering: {error}", FailureReason.STORAGE)
+    except ValueError as error:  # a malformed shared record
+        return failed(str(error), FailureReason.STORAGE)
     except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
         return failed(
-            f"cannot store the certificate: {error.strerror}: {error.filename}",
+            f"cannot store the certificate: {error.strerror or error}{where}",
             FailureReason.STORAGE,
         )
     except Exception as error:  # the agent must get an answer, not a traceback
         log.exception("the order failed unexpectedly")
         return failed(f"unexpected error: {type(error).__name__}: {error}", FailureReason.OTHER)
-    return IssuanceResult(
-        ok=True,
-        fingerprint=pair.fingerprint,
-        serial=f"{pair.serial:x}",
-        not_after=pair.not_after,
-        dry_run=dry_run,
-        seconds=time.monotonic() - started,
-        timings=tuple(issuer.timings),
-    )
+    return succeeded(pair)
+
+
+def _committed_meanwhile(
+    settings: Settings,
+    record: sharedcert.CertificateRecord | None,
+    seen_version: str | None,
+    agent_started: float | None,
+) -> CertificatePair | None:
+    """The certificate another replica committed since the agent looked, if it serves us.
+
+    ``seen_version`` None: the caller saw nothing to compare (order regardless).
+    """
+    if record is None:
+        return None
+    pair = record.pair
+    if pair.names != frozenset(settings.domains):
+        newer = agent_started is not None and record.committed_at.timestamp() > agent_started
+        if newer:
+            # Committed after this replica started, by one configured otherwise: a rolling
+            # update in progress. Ordering back would make the replicas take turns.
+            raise IssuanceError(
+                "the shared certificate names "
+                f"{', '.join(sorted(pair.names))}, committed by a replica started after this "
+                "one (a configuration change rolling out?): not ordering over it",
+                FailureReason.OTHER,
+            )
+        return None
+    if seen_version is None or record.version == seen_version:
+        return None
+    if dt.datetime.now(dt.UTC) >= pair.not_after or record.directory != settings.directory:
+        return None
+    log.info("another replica committed %s meanwhile: serving it", pair.describe())
+    CertStore(settings.cert_dir).save(pair)
+    return pair
+
+
+def _commit_shared(
+    settings: Settings,
+    storage: Storage,
+    pair: CertificatePair,
+    read: sharedcert.CertificateRecord | None,
+) -> CertificatePair:
+    """Commit ``pair`` over the record as read; the pair that stands (ours, or the one
+    another replica committed first, ours then discarded)."""
+    issued.record_issued(settings, storage, pair)
+    try:
+        sharedcert.commit(
+            storage,
+            pair,
+            settings.directory,
+            read.version if read else None,
+            dt.datetime.now(dt.UTC),
+        )
+    except StorageConflict:
+        standing = sharedcert.load(storage)
+        if standing is None:
+            raise IssuanceError(
+                "the shared certificate record vanished during the order", FailureReason.STORAGE
+            ) from None
+        log.warning(
+            "another replica committed %s first; %s is discarded",
+            standing.pair.describe(),
+            pair.describe(),
+        )
+        CertStore(settings.cert_dir).save(standing.pair)
+        return standing.pair
+    log.info("committed %s to the shared store", pair.describe())
+    CertStore(settings.cert_dir).save(pair)
+    return pair
 
 
 def persist_records(settings: Settings) -> list[dnspersist.PersistRecord]:

@@ -77,6 +77,9 @@ class IssuanceResult:
     reason: FailureReason | None = None
     retry_after: dt.datetime | None = None
     timings: tuple[tuple[str, float], ...] = field(default=())
+    # A shared store: another replica committed this certificate while we waited for the
+    # issuance lock, so no order was placed.
+    adopted: bool = False
 
     @classmethod
     def failure(
@@ -111,6 +114,7 @@ class IssuanceResult:
                 "reason": self.reason.value if self.reason else None,
                 "retry_after": _iso(self.retry_after),
                 "timings": [list(pair) for pair in self.timings],
+                "adopted": self.adopted,
             }
         )
 
@@ -147,6 +151,7 @@ class IssuanceResult:
             reason=reason,
             retry_after=_time(data.get("retry_after")),
             timings=_timings(data.get("timings")),
+            adopted=ok and data.get("adopted") is True,
         )
 
     def answer(self) -> dict[str, Any]:

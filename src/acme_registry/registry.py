@@ -235,7 +235,7 @@ class RegistryGenerations:
         blob); idempotent: nothing to do when the serving one is read-write already."""
         if not self.readonly:
             return None
-        name = self.rotate(serving)
+        name = self.rotate(serving, handover=self.config)
         self.readonly = False
         return name
 
@@ -255,10 +255,14 @@ class RegistryGenerations:
         generation keeps accepting from the same socket until it is told to stop.
         ``handover`` is the config the new process starts from, when it is not the regular
         one (the read-only window); the file left on disk is always the regular one.
+        Inside a collection's read-only window (``readonly``) a rotation (a renewed
+        certificate) starts a read-only generation: garbage-collect may be sweeping.
         """
         current = self.current()
         if current is None:
             return self.ensure_running()
+        if handover is None and self.readonly:
+            handover = self.readonly_config()
         started_with = handover if handover is not None else self.config
         if self.socket_activation:
             return self._rotate_on_shared_socket(current, serving, started_with)

@@ -50,6 +50,12 @@ It is called on the event loop, so it must be quick (a dict or a small file read
 lookup would delay every other connection.
 """
 
+RemoteLookup = Callable[[str, str | None], str | None]
+"""The second look, for a token ``lookup`` does not know: (token, the request's Host) -> the
+key authorization or ``None``. It may block (a shared store): it runs in a small thread pool,
+bounded by ``remote_timeout``, never on the event loop.
+"""
+
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 _ALLOW = "GET, HEAD"
@@ -60,6 +66,7 @@ _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 64 * 1024
 _DROP_WARNING_INTERVAL = 10.0
 _STOP_SECONDS = 5.0
+_REMOTE_WORKERS = 4
 # The connection cap is no longer what protects port 80 (the deadline and cheap connections
 # are); it stays so that a flood can never use up the process's open files, which the agent
 # also needs for storage, supervisord's pipes and the control and admin sockets: it leaves a
@@ -107,6 +114,8 @@ class ChallengeResponder:
         *,
         read_timeout: float = 10.0,
         max_connections: int | None = None,
+        remote: RemoteLookup | None = None,
+        remote_timeout: float = 2.0,
     ) -> None:
         if isinstance(domains, str):
             raise TypeError("domains must be a sequence of names, not one string")
@@ -133,6 +142,9 @@ class ChallengeResponder:
         self._host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         self._read_timeout = float(read_timeout)
         self._max_connections = max_connections
+        self._remote = remote
+        self._remote_timeout = float(remote_timeout)
+        self._remote_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
         self._lock = threading.Lock()
         self._run: _Run | None = None
@@ -161,6 +173,10 @@ class ChallengeResponder:
                 listener.close()
                 raise
             self._bound_port = int(listener.getsockname()[1])
+            if self._remote is not None and self._remote_pool is None:
+                self._remote_pool = concurrent.futures.ThreadPoolExecutor(
+                    _REMOTE_WORKERS, thread_name_prefix="acme-http01-remote"
+                )
             run.thread = threading.Thread(
                 target=self._loop_thread,
                 args=(run,),
@@ -188,6 +204,9 @@ class ChallengeResponder:
         if run is None:
             return
         self._shut_down(run)
+        pool, self._remote_pool = self._remote_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         log.info("HTTP-01 responder on port %d stopped", self._bound_port)
 
     def _shut_down(self, run: _Run) -> None:
@@ -313,13 +332,13 @@ class ChallengeResponder:
                 return False
             await _linger(reader, writer)
             return True
-        if not await self._send(writer, self._answer(request, peer)):
+        if not await self._send(writer, await self._answer(request, peer)):
             return False
         if request.body_announced or parser.leftover:
             await _linger(reader, writer)
         return True
 
-    def _answer(self, request: Request, peer: str) -> bytes:
+    async def _answer(self, request: Request, peer: str) -> bytes:
         head_only = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):
             return response(405, head_only=False, headers=[("Allow", _ALLOW)])
@@ -331,7 +350,11 @@ class ChallengeResponder:
 
         if path == CHALLENGE_PREFIX.rstrip("/") or path.startswith(CHALLENGE_PREFIX):
             token = path[len(CHALLENGE_PREFIX) :]
-            body = self._key_authorization(token, peer) if is_acme_token(token) else None
+            body = None
+            if is_acme_token(token):
+                body = self._key_authorization(token, peer)
+                if body is None and self._remote is not None:
+                    body = await self._remote_key_authorization(token, request.host, peer)
             if body is None:
                 return response(404, head_only=head_only)
             return response(200, head_only=head_only, body=body)
@@ -360,6 +383,26 @@ class ChallengeResponder:
             return None
         log.info("HTTP-01 challenge %s served to %s", short, peer)
         return body
+
+    async def _remote_key_authorization(
+        self, token: str, host: str | None, peer: str
+    ) -> bytes | None:
+        assert self._remote is not None and self._remote_pool is not None
+        short = token[:8] + ("..." if len(token) > 8 else "")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._remote_timeout):
+                answer = await loop.run_in_executor(self._remote_pool, self._remote, token, host)
+        except TimeoutError:
+            log.warning("HTTP-01 challenge %s: the shared lookup took too long", short)
+            return None
+        except Exception:
+            log.warning("HTTP-01 responder: shared lookup failed for %s", short, exc_info=True)
+            return None
+        if not isinstance(answer, str):
+            return None
+        log.info("HTTP-01 challenge %s served to %s from the shared store", short, peer)
+        return answer.encode("utf-8", errors="replace")
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> bool:
         """Write ``data``; False when the peer would not take it within the read timeout."""

@@ -31,6 +31,7 @@ from .config import Settings
 from .outcome import FailureReason, IssuanceResult
 from .persistcheck import PersistPrecondition
 from .renewalinfo import RenewalInfoTracker
+from .sharedcert import CertificateMirror
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,12 @@ class AcmeSource:
         self.config = config_id(settings)
         self._next_check: dt.datetime | None = None
         self._plan: schedule.RenewalPlan | None = None
+        # A shared store: the record CERT_DIR mirrors (its version goes to the orderer).
+        self.mirror: CertificateMirror | None = None
+        self.started_at = time.time()
+        # Issuance records never change once written: one read per fingerprint.
+        self._issued_by: dict[str, str | None] = {}
+        self._backoff: schedule.Backoff | None = None
         # dns-persist-01: the record must authorize the account before any order.
         self.precondition = (
             PersistPrecondition(settings) if settings.challenge == "dns-persist-01" else None
@@ -139,9 +146,23 @@ class AcmeSource:
             pair,
             self.settings.domains,
             now,
-            issued.issued_by(self.storage, pair.fingerprint),
+            self._issued_through(pair),
             self.settings.directory,
         )
+
+    def _issued_through(self, pair: CertificatePair) -> str | None:
+        if pair.fingerprint in self._issued_by:
+            return self._issued_by[pair.fingerprint]
+        try:
+            directory = issued.issued_by(self.storage, pair.fingerprint)
+        except OSError:
+            if self.mirror is None:
+                raise
+            # The store is down: CERT_DIR holds only what the record or our orderer put
+            # there, so it was issued through the configured directory.
+            return self.settings.directory
+        self._issued_by[pair.fingerprint] = directory
+        return directory
 
     def maintain(self, now: dt.datetime, renewals: Sequence[Renewal]) -> float:
         try:
@@ -213,7 +234,7 @@ class AcmeSource:
     def status(self, pair: CertificatePair | None) -> dict[str, Any]:
         answer: dict[str, Any] = {
             "next_check": self._next_check.isoformat() if self._next_check else None,
-            "backoff": self._load_backoff().to_dict(),
+            "backoff": self._last_backoff().to_dict(),
         }
         if self.precondition is not None:
             answer["dns_persist_problem"] = self.precondition.problem
@@ -231,6 +252,11 @@ class AcmeSource:
         command = [sys.executable, "-m", "acme_registry", "issue", *extra]
         if dry_run:
             command.append("--dry-run")
+        elif self.mirror is not None and self.mirror.seen:
+            command += [
+                f"--record-version={self.mirror.version or ''}",
+                f"--agent-started={self.started_at}",
+            ]
         started = time.monotonic()
         no_answer = IssuanceResult.failure(
             "the issuing process gave no answer", FailureReason.OTHER
@@ -246,14 +272,28 @@ class AcmeSource:
         finally:
             if not dry_run:
                 self.challenges.clear()
-        if not dry_run:
+        if result.adopted:
+            log.info("serving the certificate another replica obtained (no order placed)")
+        elif not dry_run:
             self.metrics.record_issuance(result, time.monotonic() - started)
         return result
 
     # -- backoff ---------------------------------------------------------------------
 
     def _load_backoff(self) -> schedule.Backoff:
-        return schedule.Backoff.from_dict(self.storage.load_json(statekeys.BACKOFF), self.config)
+        self._backoff = schedule.Backoff.from_dict(
+            self.storage.load_json(statekeys.BACKOFF), self.config
+        )
+        return self._backoff
+
+    def _last_backoff(self) -> schedule.Backoff:
+        """For `status`: the stored backoff, or the last one read while the store is down."""
+        try:
+            return self._load_backoff()
+        except OSError:
+            if self.mirror is None:
+                raise
+            return self._backoff or schedule.Backoff(config=self.config)
 
     def _record_attempt(
         self, backoff: schedule.Backoff, result: IssuanceResult, now: dt.datetime

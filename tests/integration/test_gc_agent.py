@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -22,10 +23,21 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support.agent import CREDS, NAME, PASSWORD, USER, AgentProcess, served, start_agent
+from acme_registry import gc
+from tests.support.agent import (
+    CREDS,
+    NAME,
+    PASSWORD,
+    USER,
+    AgentProcess,
+    fingerprint,
+    served,
+    served_instead_of,
+    start_agent,
+)
 from tests.support.clients import Skopeo, registry_session
-from tests.support.held_collection import HeldCollection, kill_session
-from tests.support.oci_layers import add_image
+from tests.support.held_collection import HeldCollection, kill_session, serving_registries
+from tests.support.oci_layers import add_image, add_multiarch, children_of
 from tests.support.ports import free_port
 
 KEEP = {"RETENTION_KEEP_LAST": "2", "RETENTION_PROTECT": "latest", "GC_SCHEDULE": "off"}
@@ -225,6 +237,65 @@ def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_th
     assert "Traceback" not in agent.log()
 
 
+def set_pushed(agent: AgentProcess, repo: str, tag: str, when: dt.datetime) -> None:
+    link = storage_of(agent) / f"docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}"
+    os.utime(link / "current/link", (when.timestamp(), when.timestamp()))
+
+
+def test_a_multiarch_index_with_untagged_children_survives_retention_and_collection(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """An index tagged `release` (kept) and `rc2` (selected), an older index `rc1` sharing
+    its amd64 child (selected), older single images (selected): after `gc` every child of
+    `release` still pulls, the shared one included; rc1's own child is swept."""
+    pebble = pebble_factory(free_port())
+    agent = start_agent(
+        tmp_path, pebble, registry_binary, RETENTION_KEEP_LAST="1", GC_SCHEDULE="off"
+    )
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        repo = f"{NAME}:{agent.registry_port}/multi"
+        for n in range(3):
+            add_image(layout, f"old{n}", [("app", os.urandom(8 * 1024))])
+            skopeo.push(layout, f"old{n}", f"{repo}:old{n}")
+            set_pushed(agent, "multi", f"old{n}", T0 + dt.timedelta(minutes=n))
+        shared = [("app", os.urandom(12 * 1024))]  # the same child in both indexes
+        rc1 = add_multiarch(layout, "rc1", {"amd64": shared, "arm64": [("a", os.urandom(9000))]})
+        release = add_multiarch(
+            layout, "release", {"amd64": shared, "arm64": [("b", os.urandom(10000))]}
+        )
+        rc1_children, children = children_of(layout, "rc1"), children_of(layout, "release")
+        assert rc1_children[0] == children[0] and rc1_children[1] != children[1]
+        for tag, source, minute in (("rc1", "rc1", 10), ("rc2", "release", 20)):
+            skopeo.push(layout, source, f"{repo}:{tag}", all_images=True)
+            set_pushed(agent, "multi", tag, T0 + dt.timedelta(minutes=minute))
+        skopeo.push(layout, "release", f"{repo}:release", all_images=True)  # newest: kept
+
+        result = agent.cli("gc", timeout=120)
+        assert result.returncode == 0, result.stderr
+
+        tag_delete = gc.supports_tag_delete(gc.registry_version(registry_binary))
+        # 2.x deletes by digest only: rc2 shares release's manifest, so it stays there.
+        expected = ["release"] if tag_delete else ["rc2", "release"]
+        assert sorted(skopeo.list_tags(repo)) == expected, result.stdout
+        assert skopeo.manifest_digest(f"{repo}:release") == release
+        for n, child in enumerate(children):
+            assert skopeo.manifest_digest(f"{repo}@{child}") == child
+            skopeo.pull(f"{repo}@{child}", tmp_path / "pulled", f"child{n}")
+        skopeo.pull(f"{repo}:release", tmp_path / "pulled", "release", all_images=True)
+        for gone in (rc1, rc1_children[1]):
+            with pytest.raises(AssertionError, match=r"manifest unknown|not found|404"):
+                skopeo.manifest_digest(f"{repo}@{gone}")
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]["last_run"]
+        assert state["result"] == "success" and state["freed_bytes"] > 9000 + 3 * 8 * 1024
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
 def test_kill_9_of_the_agent_during_a_collection_next_start_serves_read_write(
     tmp_path: Path, pebble_factory: Any, registry_binary: Path
 ) -> None:
@@ -301,6 +372,72 @@ def test_a_short_schedule_fires_by_itself(
     assert "Traceback" not in agent.log()
 
 
+def push_after_windows(skopeo: Skopeo, layout: Path, tag: str, ref: str) -> None:
+    """A push retried while a scheduled window refuses it (405), as a client would."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            skopeo.push(layout, tag, ref)
+            return
+        except AssertionError as error:
+            if "405" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_a_renew_during_a_scheduled_collection_is_answered_and_stays_read_only(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """The schedule's run goes on its own thread: while its read-only window is held open,
+    `renew` is answered (the new certificate served by a read-only generation: the sweep may
+    be running), `status` answers, and `gc` waits for the scheduled run and says so."""
+    held = HeldCollection(tmp_path / "held", registry_binary)
+    pebble = pebble_factory(free_port())
+    env = {**KEEP, "GC_SCHEDULE": "every 30s"}
+    agent = start_agent(tmp_path, pebble, held.binary, **env)
+    try:
+        first = served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        # Something to collect: a run on an empty registry has no window at all.
+        add_image(layout, "first", [("first", os.urandom(16 * 1024))])
+        push_after_windows(skopeo, layout, "first", f"{repo}:first")
+        held.wait_started(timeout=90)  # the schedule fired by itself; its window is held
+        assert metric(agent, "acme_registry_readonly") == 1.0
+
+        renew = agent.cli("renew", timeout=120)
+        assert renew.returncode == 0, renew.stdout + renew.stderr
+        renewed = served_instead_of(agent, pebble, first)
+        assert fingerprint(renewed) != fingerprint(first)
+        # Still inside the window: the generation on the new certificate is read-only too.
+        add_image(layout, "during", [("during", os.urandom(16 * 1024))])
+        with pytest.raises(AssertionError, match="405"):
+            skopeo.push(layout, "during", f"{repo}:during")
+        assert metric(agent, "acme_registry_readonly") == 1.0
+        assert agent.cli("status").returncode == 0
+
+        asked = gc_in_background(agent)
+        time.sleep(1)
+        assert asked.poll() is None  # waits for the scheduled run
+        held.release()
+        out, err = asked.communicate(timeout=120)
+        assert asked.returncode == 0, err
+        assert re.match(r"a scheduled run started at \S+ was in progress; waited for it", out), out
+        assert "tag(s) removed" in out
+
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "success", state
+        assert fingerprint(served(agent, pebble)) == fingerprint(renewed)
+        push_after_windows(skopeo, layout, "during", f"{repo}:during")  # read-write again
+        assert "during" in skopeo.list_tags(repo)
+    finally:
+        held.release()
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
 def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_write(
     tmp_path: Path, pebble_factory: Any, registry_binary: Path
 ) -> None:
@@ -321,7 +458,7 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
         assert "GC_TIMEOUT" in state["last_run"]["error"]
         assert state["last_success"] is None
         text = agent.cli("status").stdout
-        assert "gc error:    garbage-collect stopped: the read-only window reached the 8 s" in text
+        assert "gc error:    garbage-collect stopped: the run reached the 8 s GC_TIMEOUT" in text
         assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
         assert metric(agent, "acme_registry_readonly") == 0.0
         add_image(layout, "after", [("after", os.urandom(16 * 1024))])
@@ -329,6 +466,83 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
     finally:
         held.release()
         assert agent.stop() == 0
+
+
+def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """GC_TIMEOUT bounds the whole run, not only the read-only window: a registry that
+    accepts connections and never answers (SIGSTOP) during retention's deletes."""
+    pebble = pebble_factory(free_port())
+    # Long enough for the second, real run: on 3.x its two generation switches each wait
+    # out supervisord's startsecs (seen: 5 s were too few on this busy machine).
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, GC_TIMEOUT="20s")
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        layout = tmp_path / "layout"
+        push_history(agent, skopeo, layout, "ci/app", ["t1", "t2", "t3", "t4"])
+        assert agent.proc is not None
+        frozen = serving_registries(agent.proc.pid)
+        assert len(frozen) == 1, frozen
+        os.kill(frozen[0], signal.SIGSTOP)
+        try:
+            result = agent.cli("gc", timeout=120)
+        finally:
+            os.kill(frozen[0], signal.SIGCONT)
+        assert result.returncode == 1
+        assert "retention's deletes stopped: the run reached the 20 s GC_TIMEOUT" in result.stderr
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "timeout"
+        assert state["last_run"]["readonly_seconds"] is None  # never went read-only
+        assert "retention's deletes stopped" in agent.cli("status").stdout
+        assert metric(agent, 'acme_registry_gc_runs_total{result="timeout"}') == 1.0
+        assert metric(agent, "acme_registry_readonly") == 0.0
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        assert sorted(skopeo.list_tags(repo)) == ["t1", "t2", "t3", "t4"]
+        add_image(layout, "after", [("after", os.urandom(16 * 1024))])
+        skopeo.push(layout, "after", f"{repo}:after")  # read-write, the same generation
+        again = agent.cli("gc", timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert sorted(skopeo.list_tags(repo)) == ["after", "t4"]
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def test_with_a_redis_cache_configured_retention_runs_and_collection_is_refused(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """Several replicas share a Redis blob descriptor cache: a collection would leave it
+    answering for swept blobs. Nothing listens on the address (the registry only connects
+    when its cache uses it): the refusal comes from the configuration alone."""
+    pebble = pebble_factory(free_port())
+    redis = f"127.0.0.1:{free_port()}"
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, REGISTRY_REDIS_ADDR=redis)
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        push_history(agent, skopeo, tmp_path / "layout", "ci/app", ["t1", "t2", "t3"])
+        before = blob_file_bytes(storage_of(agent))
+        starts = metric(agent, "acme_registry_registry_generation_starts_total")
+        result = agent.cli("gc", timeout=120)
+        assert result.returncode == 1
+        assert "garbage collection refused: a Redis blob descriptor cache" in result.stderr
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        assert sorted(skopeo.list_tags(repo)) == ["t2", "t3"]  # retention still ran
+        assert blob_file_bytes(storage_of(agent)) == before  # nothing swept
+        # Never read-only: no generation switch at all.
+        assert metric(agent, "acme_registry_registry_generation_starts_total") == starts
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "refused"
+        assert state["last_run"]["tags_removed"] == 1
+        assert "REGISTRY_REDIS_ADDR" in state["last_run"]["error"]
+        assert metric(agent, 'acme_registry_gc_runs_total{result="refused"}') == 1.0
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
 
 
 def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
@@ -340,6 +554,8 @@ def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
     try:
         served(agent, pebble)
         agent.wait_ready()
+        skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
+        push_history(agent, skopeo, tmp_path / "layout", "ci/app", ["t1"])  # not empty
         run = gc_in_background(agent)
         pid = held.wait_started()
         assert agent.stop() == 0

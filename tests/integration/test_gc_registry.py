@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,16 +299,63 @@ def test_a_run_past_gc_timeout_reports_timeout_and_serves_read_write(env: Env):
     for n in range(1, 3):
         add_image(layout, f"b{n}", [("app", os.urandom(4 * KiB))])
         env.push(layout, "slow", f"b{n}", T0 + n * STEP)
-    report = env.run(rules(keep_last=1), timeout=dt.timedelta(milliseconds=1))
+    # The bound is the whole run's: 1 ms is spent by the snapshot, before any delete.
+    report = env.run(rules(keep_last=1), timeout=dt.timedelta(milliseconds=1), enter=pytest.fail)
     assert report.result == "timeout"
+    assert "retention's deletes stopped" in (report.error_line() or "")
     assert "GC_TIMEOUT" in (report.error_line() or "")
-    assert report.apply.removed_tags == ["slow:b1"]  # retention ran before the window
+    assert report.apply.removed_tags == [] and report.collect is None
     assert not env.registry.readonly
-    env.push(layout, "slow", "b1", T0 + 5 * STEP)  # read-write again
-    assert sorted(env.skopeo.list_tags(f"{env.registry.host}/slow")) == ["b1", "b2"]
+    add_image(layout, "b3", [("app", os.urandom(4 * KiB))])
+    env.push(layout, "slow", "b3", T0 + 5 * STEP)  # read-write throughout
+    assert sorted(env.skopeo.list_tags(f"{env.registry.host}/slow")) == ["b1", "b2", "b3"]
+
+
+def test_a_hung_registry_cannot_hold_the_delete_phase_past_gc_timeout(env: Env):
+    """The registry stops answering (SIGSTOP: accepted by the kernel, never answered) after
+    the plan: each call gets only what is left of the run, then the run ends as a timeout
+    without entering the read-only window. Without the bound, each of the 4 selected tags'
+    re-check would wait the client's own 30 s."""
+    layout = env.workdir / "layout"
+    for n in range(1, 6):
+        add_image(layout, f"b{n}", [("app", os.urandom(4 * KiB))])
+        env.push(layout, "hung", f"b{n}", T0 + n * STEP)
+    assert env.registry.proc is not None
+    pid = env.registry.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        report = env.run(rules(keep_last=1), timeout=dt.timedelta(seconds=3), enter=pytest.fail)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print(f"run with a hung registry ended after {took:.1f} s (GC_TIMEOUT 3 s)")
+    assert report.result == "timeout", report.summary()
+    assert (report.error_line() or "").startswith(
+        "retention's deletes stopped: the run reached the 3 s GC_TIMEOUT (0 tag(s) removed"
+    ), report.error_line()
+    assert report.apply.timed_out and report.apply.removed_tags == []
+    assert report.collect is None and not env.registry.readonly
+    # Far below the 4 x 30 s an unbounded phase would take (not a timing claim: a bound).
+    assert took < 60
+    assert len(env.skopeo.list_tags(f"{env.registry.host}/hung")) == 5
+    report = env.run(rules(keep_last=1))  # the registry answers again: the next run works
+    assert report.ok, report.error_line()
+    assert env.skopeo.list_tags(f"{env.registry.host}/hung") == ["b5"]
+
+
+def test_an_empty_registry_is_a_successful_run_without_a_window(env: Env):
+    # 3.1.1's garbage-collect fails on a registry nothing was pushed to yet ("Path not
+    # found: /docker/registry/v2/repositories"): a fresh install's first scheduled run.
+    report = env.run(rules(keep_last=1), enter=pytest.fail)
+    assert report.ok and report.result == "success", report.error_line()
+    assert report.freed_bytes == 0 and report.summary()["readonly_seconds"] == 0
 
 
 def test_leave_readonly_runs_when_entering_fails(env: Env):
+    layout = env.workdir / "layout"
+    add_image(layout, "v1", [("app", os.urandom(4 * KiB))])
+    env.push(layout, "entering", "v1", T0)  # a registry with something to collect
     calls: list[str] = []
 
     def enter() -> None:
@@ -324,7 +373,7 @@ def test_refusal_skips_collection_but_not_retention(env: Env):
     for n in range(1, 3):
         add_image(layout, f"b{n}", [("app", os.urandom(4 * KiB))])
         env.push(layout, "shared", f"b{n}", T0 + n * STEP)
-    refusal = gc.collection_refusal(state_store_shared=False, blob_descriptor_cache="redis")
+    refusal = gc.collection_refusal(shared_state_store=None, blob_descriptor_cache="redis")
     assert refusal is not None and "Redis" in refusal
     report = env.run(rules(keep_last=1), refusal=refusal, enter=pytest.fail)
     assert report.apply.removed_tags == ["shared:b1"]

@@ -718,3 +718,55 @@ def test_ip_address_names_serve_challenges_and_redirect_in_brackets():
         assert response.getheader("Location") == "https://127.0.0.1/v2/"
     finally:
         responder.stop()
+
+
+# -- the second look (a shared store): in a thread, bounded, never on the event loop --------
+
+OTHER = "zv0QwN1Z8eR3mYk6W9HcT2aJpLs5UdXfGbIoEyKrAq4"
+
+
+def test_a_token_unknown_here_is_answered_by_the_remote_lookup(make_responder) -> None:
+    asked: list[tuple[str, str | None]] = []
+
+    def remote(token: str, host: str | None) -> str | None:
+        asked.append((token, host))
+        return f"{token}.remote" if token == OTHER else None
+
+    responder = make_responder(remote=remote)
+    response, body = request(
+        responder, "GET", PREFIX + OTHER, headers={"Host": "registry.example.com"}
+    )
+    assert response.status == 200 and body == f"{OTHER}.remote".encode()
+    assert asked == [(OTHER, "registry.example.com")]
+    response, _ = request(responder, "GET", PREFIX + TOKEN)  # known here: no remote look
+    assert response.status == 200 and len(asked) == 1
+    response, _ = request(responder, "GET", PREFIX + "u" * 43)
+    assert response.status == 404
+
+
+def test_a_slow_remote_lookup_delays_nobody_else_and_times_out(make_responder) -> None:
+    release = threading.Event()
+
+    def remote(token: str, host: str | None) -> str | None:
+        release.wait(10)
+        return "too late"
+
+    responder = make_responder(remote=remote, remote_timeout=1.5)
+    slow: dict[str, object] = {}
+
+    def ask_slow() -> None:
+        started = time.monotonic()
+        slow["response"] = request(responder, "GET", PREFIX + OTHER)[0].status
+        slow["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=ask_slow)
+    thread.start()
+    time.sleep(0.2)
+    # The remote lookup blocks for 10 s unless released: had it run on the event loop, this
+    # request (5 s timeout) could not be answered.
+    response, _ = request(responder, "GET", "/v2/", headers={"Host": "registry.example.com"})
+    assert response.status == 301
+    thread.join(10)
+    release.set()
+    # Not answered from the lookup past its bound (1.5 s), and well before it returned.
+    assert slow["response"] == 404 and float(slow["seconds"]) < 8  # type: ignore[arg-type]

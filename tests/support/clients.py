@@ -159,11 +159,13 @@ class Skopeo:
     def _auth(self, flag: str) -> list[str]:
         return [flag, self.creds] if self.creds else []
 
-    def push(self, oci_dir: Path, tag: str, ref: str) -> None:
-        """Copy ``oci:oci_dir:tag`` to ``docker://ref``."""
+    def push(self, oci_dir: Path, tag: str, ref: str, *, all_images: bool = False) -> None:
+        """Copy ``oci:oci_dir:tag`` to ``docker://ref`` (``all_images``: an index with every
+        child, not only this platform's image)."""
         self._run(
             [
                 "copy",
+                *(["--all"] if all_images else []),
                 "--dest-tls-verify=true",
                 "--dest-cert-dir",
                 str(self.cert_dir),
@@ -173,11 +175,12 @@ class Skopeo:
             ]
         )
 
-    def pull(self, ref: str, oci_dir: Path, tag: str) -> None:
-        """Copy ``docker://ref`` to ``oci:oci_dir:tag``."""
+    def pull(self, ref: str, oci_dir: Path, tag: str, *, all_images: bool = False) -> None:
+        """Copy ``docker://ref`` to ``oci:oci_dir:tag`` (``all_images``: as for push)."""
         self._run(
             [
                 "copy",
+                *(["--all"] if all_images else []),
                 "--src-tls-verify=true",
                 "--src-cert-dir",
                 str(self.cert_dir),

@@ -64,3 +64,18 @@ def kill_session(sid: int) -> list[int]:
         except (ProcessLookupError, PermissionError):
             continue
     return killed
+
+
+def serving_registries(sid: int) -> list[int]:
+    """The pids of session ``sid``'s ``<registry> serve CONFIG`` processes (the generations)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if os.getsid(int(entry.name)) == sid and len(argv) > 2 and argv[1] == b"serve":
+                pids.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return pids

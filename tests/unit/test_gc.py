@@ -32,12 +32,20 @@ def test_unreadable_version_is_an_error():
 
 
 def test_refusal_with_several_replicas():
-    assert collection_refusal(state_store_shared=False, blob_descriptor_cache=None) is None
-    assert collection_refusal(state_store_shared=False, blob_descriptor_cache="inmemory") is None
-    shared = collection_refusal(state_store_shared=True, blob_descriptor_cache=None)
-    assert shared is not None and "state store is shared" in shared
-    redis = collection_refusal(state_store_shared=False, blob_descriptor_cache=" Redis ")
+    assert collection_refusal(shared_state_store=None, blob_descriptor_cache=None) is None
+    assert collection_refusal(shared_state_store=None, blob_descriptor_cache="inmemory") is None
+    assert (
+        collection_refusal(shared_state_store=None, blob_descriptor_cache=None, redis_addr=" ")
+        is None
+    )
+    shared = collection_refusal(shared_state_store="s3", blob_descriptor_cache=None)
+    assert shared is not None and "STATE_STORE=s3 is shared by several replicas" in shared
+    redis = collection_refusal(shared_state_store=None, blob_descriptor_cache=" Redis ")
     assert redis is not None and "Redis" in redis and "\n" not in redis
+    addr = collection_refusal(
+        shared_state_store=None, blob_descriptor_cache=None, redis_addr="10.0.0.5:6379"
+    )
+    assert addr == redis
 
 
 def test_describe_plan_says_what_2x_cannot_do():

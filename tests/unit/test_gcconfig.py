@@ -176,3 +176,12 @@ def test_next_run_off_and_naive():
     assert next_run(parse_schedule("off"), at("2026-12-01T00:00:00")) is None
     with pytest.raises(ValueError):
         next_run(parse_schedule("03:30"), dt.datetime(2026, 12, 1))
+
+
+@pytest.mark.parametrize(
+    ("value", "shared"),
+    [(None, None), ("", None), ("file", None), (" File ", None), ("s3", "s3"), ("redis", "redis")],
+)
+def test_a_state_store_other_than_file_is_shared(value, shared):
+    env = {"RETENTION_KEEP_LAST": "3"} if value is None else {"STATE_STORE": value}
+    assert load_gc_settings(env).shared_state_store == shared

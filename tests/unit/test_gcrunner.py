@@ -10,6 +10,7 @@ from acme_registry.gcrunner import (
     GcMetrics,
     blob_descriptor_cache,
     filesystem_storage,
+    redis_addr,
     storage_root,
 )
 
@@ -60,3 +61,9 @@ def test_a_dry_run_counts_nothing():
     GcMetrics(registry).record(report("dry_run", dry_run=True))
     assert value(registry, "acme_registry_retention_removed_tags_total") == 0
     assert value(registry, "acme_registry_gc_runs_total", result="success") == 0
+
+
+def test_redis_addr_from_either_form():
+    assert redis_addr({}) is None and redis_addr({"REGISTRY_REDIS_ADDR": " "}) is None
+    assert redis_addr({"REGISTRY_REDIS_ADDR": "r:6379"}) == "r:6379"
+    assert redis_addr({"registry_redis_addrs": "[r:6379]"}) == "[r:6379]"
