@@ -22,10 +22,16 @@ connection sending ``GET /v2/bench/app/manifests/v1`` as fast as it is answered,
 ``seconds`` per mode; the modes run one after the other (in alternating order), ``rounds``
 times, in one run. For
 token mode the token is fetched once; the registry then checks its ES256 signature per
-request. ``bench.auth_pull`` times ``docker pull`` on the same paths.
+request (the token names its key by ``kid`` for 3.x and by ``x5c`` for 2.8, as the agent's
+tokens do). ``bench.auth_pull`` times ``docker pull`` on the same paths.
 
 Run: .venv/bin/python -m bench.auth_rate [--seconds 10] [--rounds 2] [--connections 4]
-     [--binary /opt/registry3/registry]
+     [--binary /opt/registry3/registry] [--key-references]
+
+``--key-references`` measures instead how the way a token names its key costs the
+registry: no auth, then the token registry with the same claims signed twice, once naming
+the key by ``x5c`` and once by ``kid`` (3.x only: 2.8 refuses our ``kid``), alternating, so
+both token rows come from one registry process (:func:`run_key_references`).
 
 The clients share the cores with the server, so absolute rates depend on the machine and
 whatever else runs; the ratios against no auth, measured in one run, are the point.
@@ -38,6 +44,7 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import socket
 import ssl
 import statistics
@@ -52,6 +59,7 @@ from typing import IO, Any
 
 import bcrypt
 
+from acme_registry.tokens import KeyReference, b64url_decode
 from bench.setups import CADDY_BINARY, REGISTRY_BINARY, clean_env, registry_config, stop_process
 from tests.support.clients import Skopeo
 from tests.support.oci import MANIFEST_MEDIA_TYPE, make_oci_image
@@ -374,10 +382,71 @@ def run(
     return rates
 
 
+def key_reference_tokens(paths: AuthPaths) -> dict[str, str]:
+    """The bench user's pull token signed as ``x5c`` and (3.x) as ``kid``, same claims."""
+    assert paths.stack is not None
+    token = paths.stack.token(f"repository:{REPOSITORY}:pull", (USER, PASSWORD))
+    claims = json.loads(b64url_decode(token.split(".")[1]))
+    key = paths.stack.keyring.current
+    references = [KeyReference.X5C]
+    if paths.stack.key_reference is KeyReference.KID:
+        references.append(KeyReference.KID)
+    return {f"token, {r}": key.sign(claims, r) for r in references}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_key_references(
+    paths: AuthPaths, seconds: float, rounds: int, connections: int, log: Any = print
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Requests per second, and the registry's CPU microseconds per request: no auth, and
+    the token registry with each key reference. CPU per request depends far less on what
+    else runs on the machine than the rate does."""
+    assert paths.stack is not None and paths.stack.proc is not None
+    targets = {NONE: paths.targets[NONE]}
+    pids = {NONE: paths._registries[0].proc.pid}
+    for mode, token in key_reference_tokens(paths).items():
+        targets[mode] = Target(paths.stack.registry_port, f"Bearer {token}", True)
+        pids[mode] = paths.stack.proc.pid
+    rates: dict[str, list[float]] = {mode: [] for mode in targets}
+    cpu: dict[str, list[float]] = {mode: [] for mode in targets}
+    for index in range(rounds):
+        for mode in targets if index % 2 == 0 else tuple(reversed(targets)):
+            target = targets[mode]
+            before = process_cpu_seconds(pids[mode])
+            rate, failed = measure(
+                target.port, paths.root_file, target.header, seconds, connections
+            )
+            used = process_cpu_seconds(pids[mode]) - before
+            if failed:
+                raise RuntimeError(f"{mode}: {failed} requests did not get 200")
+            rates[mode].append(rate)
+            cpu[mode].append(used / (rate * seconds) * 1e6)
+            log(f"  {paths.version} {mode}: {rate:,.0f} requests/s, {cpu[mode][-1]:,.0f} us CPU")
+    return rates, cpu
+
+
+def cpu_table(cpu: dict[str, list[float]]) -> str:
+    base = statistics.median(cpu[NONE])
+    lines = [
+        "| auth | registry CPU us/request (median) | rounds | vs no auth |",
+        "|---|---|---|---|",
+    ]
+    for mode, values in cpu.items():
+        median = statistics.median(values)
+        each = ", ".join(f"{v:,.0f}" for v in values)
+        lines.append(f"| {mode} | {median:,.0f} | {each} | {median / base:.2f} |")
+    return "\n".join(lines)
+
+
 def table(rates: dict[str, list[float]]) -> str:
     base = statistics.median(rates[NONE])
     lines = ["| auth | requests/s (median) | rounds | vs no auth |", "|---|---|---|---|"]
-    for mode in MODES:
+    for mode in rates:
         median = statistics.median(rates[mode])
         each = ", ".join(f"{r:,.0f}" for r in rates[mode])
         lines.append(f"| {mode} | {median:,.0f} | {each} | {median / base:.3f} |")
@@ -390,12 +459,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--binary", type=Path, default=REGISTRY_BINARY)
+    parser.add_argument(
+        "--key-references", action="store_true", help="none vs token with x5c vs with kid"
+    )
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="auth-rate-") as tmp,
         AuthPaths(Path(tmp), args.binary) as paths,
     ):
-        rates = run(paths, args.seconds, args.rounds, args.connections)
+        if args.key_references:
+            rates, cpu = run_key_references(paths, args.seconds, args.rounds, args.connections)
+            print(cpu_table(cpu))
+        else:
+            rates = run(paths, args.seconds, args.rounds, args.connections)
     print(table(rates))
     return 0
 

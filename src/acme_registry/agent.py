@@ -208,10 +208,15 @@ class Agent:
         extra: dict[str, Any] = {}
         if self.settings.token is not None and self.users is not None:
             # Here, not at the top: outside token mode the agent never loads cryptography.
-            from .tokenmode import TokenMode
+            from .tokenmode import TokenMode, registry_key_reference
 
             self.token = TokenMode(
-                self.settings.token, self.settings.data_dir, self.users, self.metrics, utcnow()
+                self.settings.token,
+                self.settings.data_dir,
+                self.users,
+                self.metrics,
+                utcnow(),
+                registry_key_reference(self.settings.registry_binary),
             )
             extra = self.token.registry_config(utcnow())
             auth = extra["auth"]

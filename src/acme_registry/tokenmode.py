@@ -9,6 +9,8 @@ are wired here, so the agent only calls a few methods at the points of its loop:
   may have changed): starts the token service on ``TOKEN_ADDR`` the first time, then moves
   it onto the new certificate (new connections get it; open ones keep theirs), and records
   that a registry runs with the bundle on disk;
+- :func:`registry_key_reference`: whether tokens name their key by ``kid`` (registry 3.x,
+  cheaper to check) or ``x5c`` (2.8), from the registry binary's ``--version``;
 - :meth:`TokenMode.maintain`: the keyring's rollover, once per loop step: a new bundle is
   written and a generation started with it (``rotate``) before the new key signs.
 
@@ -27,20 +29,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import tokenconfig
+from . import activation, tokenconfig
 from .admin import Metrics
 from .auth import UserStore
 from .policy import EMPTY_POLICY, Grants, Policy, PolicyError, effective_grants, parse_policy
 from .storage import write_atomic
 from .tokenconfig import TokenSettings
 from .tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
-from .tokens import FileBlob, Keyring, load_keyring
+from .tokens import FileBlob, KeyReference, Keyring, key_reference_for, load_keyring
 from .tokenservice import Hooks, PasswordChecker, TokenService
 
 log = logging.getLogger(__name__)
 
 KEYRING_FILE = Path("token") / "keyring.json"
 BUNDLE_FILE = Path("registry") / "token-roots.pem"
+
+
+def registry_key_reference(binary: Path) -> KeyReference:
+    """How tokens name their key for ``binary``, from its ``--version`` (x5c when unknown)."""
+    version = activation.parse_version(activation.binary_version(str(binary)))
+    return key_reference_for(version.major if version is not None else None)
 
 
 class PolicyFile:
@@ -86,7 +94,10 @@ class TokenMode:
         users: UserStore,
         metrics: Metrics,
         now: dt.datetime,
+        key_reference: KeyReference = KeyReference.X5C,
     ) -> None:
+        """``key_reference``: how tokens name their key, for the registry binary in use
+        (:func:`~.tokens.key_reference_for` its major version)."""
         self.settings = settings
         self.users = users
         self.blob = FileBlob(data_dir / KEYRING_FILE)
@@ -105,6 +116,7 @@ class TokenMode:
             keyring=lambda: self.keyring,  # replaced by maintain(): read at every token
             checker=PasswordChecker(),
             hooks=Hooks(failure=metrics.auth_failure, issued=metrics.token_issued),
+            key_reference=key_reference,
         )
 
     # -- grants ------------------------------------------------------------------------
@@ -166,9 +178,10 @@ class TokenMode:
         except OSError as error:
             raise OSError(bind_problem("TOKEN_ADDR", addr.port, error)) from None
         log.info(
-            "token service on %s (realm %s)",
+            "token service on %s (realm %s, tokens name their key by %s)",
             ", ".join(f"{h}:{p}" for h, p in server.addresses) or f"port {addr.port}",
             self.settings.realm,
+            self.service.key_reference,
         )
         return server
 

@@ -49,7 +49,7 @@ import bcrypt
 from .policy import Grants, ScopeError, granted_access, parse_scopes
 from .throttle import LoginThrottle
 from .tokenhttp import Request, Response
-from .tokens import Keyring, RefreshTokens, TokenError, access_claims
+from .tokens import KeyReference, Keyring, RefreshTokens, TokenError, access_claims
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class TokenService:
     ``password_hash(name)`` is the user's current bcrypt hash or None (no such user);
     ``grants(name)`` what a user (None: anonymous) may do, e.g.
     :func:`~acme_registry.policy.effective_grants` over the policy file and run-time grants;
-    ``keyring()`` the current signing keyring.
+    ``keyring()`` the current signing keyring; ``key_reference`` how tokens name their key
+    (``kid`` only for a registry that maps keys by it: 3.x).
     """
 
     service: str
@@ -133,6 +134,7 @@ class TokenService:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     hooks: Hooks = field(default_factory=Hooks)
     clock: Callable[[], float] = time.time
+    key_reference: KeyReference = KeyReference.X5C
 
     async def handle(self, request: Request, client: str) -> Response:
         if request.path != "/token":
@@ -252,7 +254,7 @@ class TokenService:
             now=now,
             ttl=dt.timedelta(seconds=self.ttl),
         )
-        token = keyring.current.sign(claims)
+        token = keyring.current.sign(claims, self.key_reference)
         body: dict[str, Any] = {
             "token": token,
             "access_token": token,

@@ -174,6 +174,13 @@ def test_token_mode_through_the_agent(tmp_path, pebble_factory, registry_binary,
         assert material not in log and material not in shown
     assert keyring.stat().st_mode & 0o777 == 0o600
     assert b"BEGIN CERTIFICATE" in (agent.data_dir / "registry" / "token-roots.pem").read_bytes()
+    # Tokens name their key by kid for 3.x (cheaper for it to check), by x5c for 2.8.
+    version = subprocess.run(
+        [str(registry_binary), "--version"], capture_output=True, text=True, check=True,
+        env={"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "none"},
+    ).stdout  # fmt: skip
+    expected = "kid" if "distribution/v3" in version else "x5c"
+    assert f"tokens name their key by {expected})" in log
 
 
 def test_token_addr_that_cannot_be_bound_is_one_line_exit_1(

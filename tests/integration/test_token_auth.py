@@ -16,14 +16,18 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from acme_registry import proxyproto
 from acme_registry.policy import make_grants
-from acme_registry.tokens import Keyring, SigningKey, access_claims
+from acme_registry.tokens import KeyReference, Keyring, SigningKey, access_claims, b64url
 from acme_registry.tokenservice import PasswordChecker
 from tests.support.load import image_digests
 from tests.support.oci import MANIFEST_MEDIA_TYPE
@@ -177,8 +181,8 @@ def test_catalog_needs_the_grant(stack: TokenStack, oci_image: Path, tmp_path: P
     assert stack.registry_request("GET", "/v2/_catalog", ci_token)[0] == 401
 
 
-def _signed(key: SigningKey, *, audience: str = NAME, now: dt.datetime | None = None) -> str:
-    claims = access_claims(
+def _claims(*, audience: str = NAME, now: dt.datetime | None = None) -> dict[str, Any]:
+    return access_claims(
         issuer=ISSUER,
         subject="ci",
         audience=audience,
@@ -186,25 +190,66 @@ def _signed(key: SigningKey, *, audience: str = NAME, now: dt.datetime | None = 
         now=now or dt.datetime.now(dt.UTC),
         ttl=dt.timedelta(minutes=5),
     )
-    return key.sign(claims)
+
+
+def _signed(
+    key: SigningKey,
+    reference: KeyReference,
+    *,
+    audience: str = NAME,
+    now: dt.datetime | None = None,
+) -> str:
+    return key.sign(_claims(audience=audience, now=now), reference)
+
+
+def _forged_kid(kid: str, key: SigningKey) -> str:
+    """A token whose header names the key ``kid`` and that ``key`` signed."""
+    header = json.dumps({"typ": "JWT", "alg": "ES256", "kid": kid}, separators=(",", ":"))
+    body = json.dumps(_claims(), separators=(",", ":"))
+    signing_input = f"{b64url(header.encode())}.{b64url(body.encode())}"
+    der = key.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
 def test_registry_refuses_bad_tokens(stack: TokenStack, oci_image: Path, tmp_path: Path) -> None:
     stack.skopeo(tmp_path / "ci", creds("ci")).push(oci_image, "v1", stack.ref("team/app"))
     path = "/v2/team/app/manifests/v1"
     accept = {"Accept": MANIFEST_MEDIA_TYPE}
-    good = _signed(stack.keyring.current)
-    assert stack.registry_request("GET", path, good, accept)[0] == 200
-
+    ours = stack.keyring.current
     other_key = SigningKey.generate(dt.datetime.now(dt.UTC))
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)  # past the 60 s leeway
-    for bad in (
-        _signed(other_key),
-        _signed(stack.keyring.current, now=long_ago),
-        _signed(stack.keyring.current, audience="other.test"),
-        good[:-8] + ("AAAAAAAA" if not good.endswith("AAAAAAAA") else "BBBBBBBB"),
-    ):
-        assert stack.registry_request("GET", path, bad, accept)[0] == 401
+    # Both ways of naming the key, whichever this binary's tokens use.
+    for reference in KeyReference:
+        good = _signed(ours, reference)
+        if reference is KeyReference.X5C or stack.key_reference is KeyReference.KID:
+            assert stack.registry_request("GET", path, good, accept)[0] == 200
+        for bad in (
+            _signed(other_key, reference),
+            _signed(ours, reference, now=long_ago),
+            _signed(ours, reference, audience="other.test"),
+            good[:-8] + ("AAAAAAAA" if not good.endswith("AAAAAAAA") else "BBBBBBBB"),
+        ):
+            assert stack.registry_request("GET", path, bad, accept)[0] == 401
+    # Our key's kid on a token another key signed: the registry checks the signature.
+    assert ours.kid is not None
+    assert stack.registry_request("GET", path, _forged_kid(ours.kid, other_key), accept)[0] == 401
+
+
+def test_issued_tokens_name_the_key_as_the_binary_checks_fastest(stack: TokenStack) -> None:
+    """kid for 3.x (a map lookup per request), x5c for 2.8 (which keys kids otherwise)."""
+    token = stack.token("repository:team/app:pull", ("ci", USERS["ci"]))
+    header = json.loads(_b64(token.split(".")[0]))
+    version = subprocess.run(
+        [str(stack.binary), "--version"], capture_output=True, text=True, check=True,
+        env={"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "none"},
+    ).stdout  # fmt: skip
+    if "distribution/v3" in version:
+        assert header["kid"] == stack.keyring.current.kid and "x5c" not in header
+    else:
+        assert "kid" not in header and len(header["x5c"]) == 1
+    status, _, _ = stack.registry_request("GET", "/v2/team/app/tags/list", token)
+    assert status in (200, 404)  # accepted (404: nothing pushed yet), never 401
 
 
 def test_token_endpoint_answers(stack: TokenStack) -> None:
@@ -358,8 +403,12 @@ def test_rollover_bundle_accepts_both_keys(
     stack.restart_registry(rolled.bundle_pem(now))
     path = "/v2/team/app/manifests/v1"
     accept = {"Accept": MANIFEST_MEDIA_TYPE}
-    assert stack.registry_request("GET", path, _signed(rolled.current), accept)[0] == 200
-    assert stack.registry_request("GET", path, _signed(rolled.next), accept)[0] == 200
+    reference = stack.key_reference
+    assert stack.registry_request("GET", path, _signed(rolled.current, reference), accept)[0] == 200
+    assert stack.registry_request("GET", path, _signed(rolled.next, reference), accept)[0] == 200
+    # A key that is not in the bundle the registry started with is refused, kid or x5c.
+    outsider = SigningKey.generate(now)
+    assert stack.registry_request("GET", path, _signed(outsider, reference), accept)[0] == 401
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -26,6 +26,7 @@ from acme_registry import policy, tokenconfig
 from acme_registry.policy import Grants, Policy
 from acme_registry.throttle import LoginThrottle
 from acme_registry.tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
+from acme_registry.tokenmode import registry_key_reference
 from acme_registry.tokens import Keyring
 from acme_registry.tokenservice import Hooks, PasswordChecker, TokenService
 from tests.support.clients import Skopeo
@@ -86,6 +87,8 @@ class TokenStack:
         self.ca = ca or TestCA()
         self.keyring = Keyring.create(dt.datetime.now(dt.UTC))
         self.counters = Counters()
+        # As the agent chooses it: kid for 3.x, x5c for 2.8.
+        self.key_reference = registry_key_reference(binary)
         self.registry_port, self.token_port = free_ports(2)
         self.settings = tokenconfig.load_token_settings(
             {"TOKEN_ADDR": f"127.0.0.1:{self.token_port}", "TOKEN_TTL": str(ttl)}, (NAME,)
@@ -106,6 +109,7 @@ class TokenStack:
             checker=checker or PasswordChecker(dummy_cost=COST),
             throttle=throttle or LoginThrottle(),
             hooks=self.counters.hooks(),
+            key_reference=self.key_reference,
         )
         self.server = ThreadedServer(
             TokenHTTPServer(self.service.handle, self.certificate, proxy_protocol=proxy_protocol),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -19,12 +20,15 @@ from acme_registry.tokens import (
     CERT_LIFETIME,
     NEXT_KEY_LEAD,
     FileBlob,
+    KeyReference,
     Keyring,
     RefreshTokens,
     SigningKey,
     TokenError,
     access_claims,
     b64url_decode,
+    jwk_thumbprint,
+    key_reference_for,
     load_keyring,
 )
 
@@ -42,14 +46,20 @@ def decode(token: str) -> tuple[dict, dict, bytes]:
 
 def verify(token: str, cert: x509.Certificate) -> None:
     """What the registry does: the key from x5c, then an ES256 check of R || S."""
-    header, _, signature = decode(token)
-    assert header["alg"] == "ES256"
+    header, _, _ = decode(token)
     x5c = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
     assert x5c == cert
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:], "big")
     public = x5c.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
+    verify_with(token, public)
+
+
+def verify_with(token: str, public: ec.EllipticCurvePublicKey) -> None:
+    """An ES256 check of R || S with ``public``."""
+    header, _, signature = decode(token)
+    assert header["alg"] == "ES256"
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
     public.verify(
         encode_dss_signature(r, s),
         token.rpartition(".")[0].encode(),
@@ -76,6 +86,69 @@ def test_signed_token_verifies_and_carries_the_claims() -> None:
     assert decoded["exp"] - decoded["iat"] == 300 and decoded["nbf"] == decoded["iat"]
     assert decoded["aud"] == "registry.test"  # a string: registry 2.8 reads no list
     assert len(decoded["jti"]) >= 16
+
+
+def rfc7638_thumbprint(public: ec.EllipticCurvePublicKey) -> str:
+    """RFC 7638 section 3 written out: the required members, sorted, no spaces, SHA-256."""
+    numbers = public.public_numbers()
+    jwk = {
+        "crv": "P-256",
+        "kty": "EC",
+        "x": base64.urlsafe_b64encode(numbers.x.to_bytes(32, "big")).rstrip(b"=").decode(),
+        "y": base64.urlsafe_b64encode(numbers.y.to_bytes(32, "big")).rstrip(b"=").decode(),
+    }
+    digest = hashlib.sha256(json.dumps(jwk, sort_keys=True, separators=(",", ":")).encode())
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+
+
+def test_kid_token_names_the_key_by_its_thumbprint() -> None:
+    key = SigningKey.generate(NOW)
+    claims = access_claims(
+        issuer="iss", subject="ci", audience="registry.test", access=[], now=NOW,
+        ttl=dt.timedelta(minutes=5),
+    )  # fmt: skip
+    token = key.sign(claims, KeyReference.KID)
+    header, decoded, _ = decode(token)
+    assert header == {
+        "typ": "JWT",
+        "alg": "ES256",
+        "kid": rfc7638_thumbprint(key.cert.public_key()),
+    }
+    assert decoded == claims
+    verify_with(token, key.key.public_key())
+    assert "x5c" in decode(key.sign(claims))[0] and "kid" not in decode(key.sign(claims))[0]
+
+
+def _key_with_a_leading_zero_coordinate() -> ec.EllipticCurvePrivateKey:
+    while True:  # 1 key in 128: a few hundred tries at most, in practice
+        key = ec.generate_private_key(ec.SECP256R1())
+        numbers = key.public_key().public_numbers()
+        if numbers.x < 2**248 or numbers.y < 2**248:
+            return key
+
+
+def test_a_key_without_a_sure_kid_signs_with_x5c() -> None:
+    """distribution drops leading zero bytes of a coordinate (Go's big.Int.Bytes): the
+    thumbprint it computes for such a key is not the RFC's, so we send none."""
+    raw = _key_with_a_leading_zero_coordinate()
+    assert jwk_thumbprint(raw.public_key()) is None
+    cert = SigningKey.generate(NOW).cert  # only its DER goes into the header
+    header, _, _ = decode(SigningKey(raw, cert).sign({}, KeyReference.KID))
+    assert "kid" not in header and "x5c" in header
+
+
+def test_generated_keys_always_have_a_kid() -> None:
+    for _ in range(300):  # about 2 raw keys in 300 have a leading zero coordinate
+        key = SigningKey.generate(NOW)
+        assert key.kid == rfc7638_thumbprint(key.key.public_key())
+
+
+@pytest.mark.parametrize(
+    ("major", "expected"),
+    [(3, KeyReference.KID), (4, KeyReference.KID), (2, KeyReference.X5C), (None, KeyReference.X5C)],
+)
+def test_key_reference_by_registry_major(major: int | None, expected: KeyReference) -> None:
+    assert key_reference_for(major) is expected
 
 
 def test_signing_certificate() -> None:
