@@ -15,7 +15,7 @@ import yaml
 from tests.e2e.common import GRACE_SECONDS, NAME, fingerprint, served
 from tests.support.clients import Skopeo
 from tests.support.oci import layout_manifest_digest
-from tests.support.podman import GLOBAL_ARGS, REPO, podman, podman_env, unique_name
+from tests.support.podman import REPO, podman, podman_compose, unique_name
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -26,30 +26,6 @@ S3 = REPO / "compose" / "docker-compose.s3.yml"
 TOKEN = REPO / "compose" / "docker-compose.token.yml"
 TEST_OVERRIDE = Path(__file__).with_name("compose.test.yml")
 INITIAL_PASSWORD = "/data/auth/initial-admin-password"
-
-
-def podman_compose(
-    project: str, files: list[Path], *args: str, env: dict[str, str], timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "podman_compose",
-        f"--podman-args={' '.join(GLOBAL_ARGS)}",
-        "-p",
-        project,
-        *(arg for path in files for arg in ("-f", str(path))),
-        *args,
-    ]
-    return subprocess.run(
-        cmd,
-        env=podman_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def compose_config(files: list[Path], env: dict[str, str]) -> dict[str, Any]:

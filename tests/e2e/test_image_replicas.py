@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.e2e.common import NAME
+from tests.support.podman import podman_compose
 from tests.support.ports import free_ports
 from tests.support.replicas_compose import (
     ADMIN_PORT,
@@ -22,7 +23,6 @@ from tests.support.replicas_compose import (
     StackPorts,
     haproxy_config_for_test,
     make_secrets,
-    podman_compose,
 )
 
 pytestmark = pytest.mark.e2e

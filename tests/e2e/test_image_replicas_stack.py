@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.common import GRACE_SECONDS, NAME, REGISTRY_CREDS, fingerprint, served
 from tests.support.clients import Skopeo
 from tests.support.oci import layout_manifest_digest
-from tests.support.podman import podman, unique_name
+from tests.support.podman import podman, podman_compose, unique_name
 from tests.support.replicas_compose import (
     COMPOSE,
     HAPROXY_CFG,
@@ -24,7 +24,6 @@ from tests.support.replicas_compose import (
     StackPorts,
     haproxy_config_for_test,
     make_secrets,
-    podman_compose,
     project_logs,
     s3_requests,
 )

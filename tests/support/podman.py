@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -386,3 +387,28 @@ def named_volumes(*purposes: str) -> Iterator[dict[str, str]]:
     finally:
         for name in names.values():
             podman("volume", "rm", "-f", name, check=False)
+
+
+def podman_compose(
+    project: str, files: list[Path], *args: str, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """`python -m podman_compose` with the tests' podman settings, the files in order."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "podman_compose",
+        f"--podman-args={' '.join(GLOBAL_ARGS)}",
+        "-p",
+        project,
+        *(arg for path in files for arg in ("-f", str(path))),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        env=podman_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

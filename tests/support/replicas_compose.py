@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from tests.support.podman import GLOBAL_ARGS, REPO, podman, podman_env
+from tests.support.podman import REPO, podman
 from tests.support.ports import free_ports
 
 COMPOSE = REPO / "compose" / "docker-compose.replicas.yml"
@@ -107,30 +106,6 @@ def haproxy_config_for_test(text: str, ports: StackPorts) -> str:
                 line += f" port {replica.admin}"
         lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-def podman_compose(
-    project: str, files: list[Path], *args: str, env: dict[str, str], timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "podman_compose",
-        f"--podman-args={' '.join(GLOBAL_ARGS)}",
-        "-p",
-        project,
-        *(arg for path in files for arg in ("-f", str(path))),
-        *args,
-    ]
-    return subprocess.run(
-        cmd,
-        env=podman_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def make_secrets(directory: Path) -> dict[str, str]:
