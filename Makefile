@@ -7,10 +7,8 @@ APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman bu
 
 .PHONY: test demo bench lint unit integration e2e system-deps venv clean
 
-# Two workers (CI has 2 cores and most tests wait on servers): the image tests share one
-# worker (one image build, one podman store), as do the two that need port 53 itself.
 test: system-deps venv lint
-	$(BIN)/pytest -n 2 --dist loadgroup tests
+	$(BIN)/pytest tests
 
 # The whole job on this machine: a local CA, the image, a push and a pull; cleans up after.
 demo: system-deps venv

@@ -18,17 +18,6 @@ from tests.support.seaweed import SeaweedS3
 DEFAULT_REGISTRY_BINARY = "/usr/bin/docker-registry"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for ``make test``'s two workers (``--dist loadgroup``): the image tests run on
-    one worker (one build, one podman store, one Docker engine at a time), and the tests that
-    bind port 53 itself never run at once."""
-    for item in items:
-        if "tests/e2e/" in item.nodeid or item.nodeid.startswith("e2e/"):
-            item.add_marker(pytest.mark.xdist_group("image"))
-        elif "port_53" in item.name:
-            item.add_marker(pytest.mark.xdist_group("port53"))
-
-
 @pytest.fixture
 def pebble_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleFactory]:
     """``make(http_port, **Pebble kwargs)`` starts a Pebble; all are stopped at teardown."""
