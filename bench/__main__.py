@@ -36,6 +36,18 @@ from bench import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+# Every part, in the order a full run measures them; `--only` picks among them.
+PARTS = (
+    "startup",
+    "data",
+    "renewal",
+    "port80",
+    "rotation_paths",
+    "dns",
+    "auth",
+    "gc",
+    "replicas",
+)
 REQUIRED = ("caddy", "certbot", "docker-registry", "pebble", "skopeo", "curl", "unshare", "named")
 
 
@@ -73,17 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=(
-            "startup",
-            "data",
-            "renewal",
-            "port80",
-            "rotation_paths",
-            "dns",
-            "auth",
-            "gc",
-            "replicas",
-        ),
+        choices=PARTS,
         help="run only these parts (repeatable); default all",
     )
     parser.add_argument(
@@ -156,17 +158,7 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         missing.append("python3-certbot-dns-rfc2136")
     if missing:
         raise SystemExit(f"bench: missing {', '.join(missing)} (apt-get install caddy certbot ...)")
-    parts = args.only or [
-        "startup",
-        "data",
-        "renewal",
-        "port80",
-        "rotation_paths",
-        "dns",
-        "auth",
-        "gc",
-        "replicas",
-    ]
+    parts = args.only or list(PARTS)
     results: dict[str, Any] = {"machine": machine.describe(), "command": command, "errors": []}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
 
