@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.support.agent import CREDS, AgentProcess
+from tests.support.agent import CREDS, AgentProcess, served_instead_of
 from tests.support.bind import (
     BindServer,
     TestZone,
@@ -132,14 +132,7 @@ def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
         first = wait_for_tls("127.0.0.1", agent.registry_port, ZONE, pebble.root_pem(), 10)
         renew = agent.cli("renew", timeout=120)
         assert renew.returncode == 0, renew.stderr + agent.log()
-        second = wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            ZONE,
-            pebble.root_pem(),
-            30,
-            accept=lambda cert: cert.serial_number != first.serial_number,
-        )
+        second = served_instead_of(agent, pebble, first, 30, name=ZONE)
         assert second.serial_number != first.serial_number
         assert pebble.orders_created() == 2
         assert bind.txt(RECORD) == {"an unrelated value the operator keeps"}
@@ -335,14 +328,7 @@ def test_dns_persist01_certificate_follows_the_record_by_itself_then_renews(
         assert pebble.orders_created() == 1
         renew = agent.cli("renew", timeout=120)
         assert renew.returncode == 0, renew.stderr + agent.log()
-        second = wait_for_tls(
-            "127.0.0.1",
-            agent.registry_port,
-            ZONE,
-            pebble.root_pem(),
-            30,
-            accept=lambda cert: cert.serial_number != first.serial_number,
-        )
+        second = served_instead_of(agent, pebble, first, 30, name=ZONE)
         assert second.serial_number != first.serial_number
         assert pebble.orders_created() == 2
         assert json.loads(agent.cli("status", "--json").stdout)["backoff"]["failures"] == 0

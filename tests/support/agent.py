@@ -185,13 +185,17 @@ def served(
 
 
 def served_instead_of(
-    agent: AgentProcess, pebble: Pebble, old: x509.Certificate, timeout: float = 10
+    agent: AgentProcess,
+    pebble: Pebble,
+    old: x509.Certificate,
+    timeout: float = 10,
+    name: str = NAME,
 ) -> x509.Certificate:
     """The leaf served once the registry no longer serves ``old``."""
     return wait_for_tls(
         "127.0.0.1",
         agent.registry_port,
-        NAME,
+        name,
         pebble.root_pem(),
         timeout,
         accept=lambda cert: fingerprint(cert) != fingerprint(old),
