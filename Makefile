@@ -7,8 +7,15 @@ APT_PACKAGES := pebble docker-registry skopeo util-linux iproute2 curl podman bu
 
 .PHONY: test demo bench lint unit integration e2e system-deps venv clean
 
+# Two pytest processes side by side, each line tagged with its part: the image tests
+# (tests/e2e, which build the image once) and the rest. Most tests wait on servers rather
+# than compute, so two cores run both in well under the time of one after the other.
 test: system-deps venv lint
-	$(BIN)/pytest tests
+	@( $(BIN)/pytest tests/e2e 2>&1 | sed -u 's/^/[e2e]  /'; exit $${PIPESTATUS[0]} ) & e2e=$$!; \
+	( $(BIN)/pytest tests/unit tests/harness tests/integration 2>&1 | sed -u 's/^/[rest] /'; exit $${PIPESTATUS[0]} ) & rest=$$!; \
+	status=0; wait $$e2e || status=$$?; wait $$rest || status=$$?; \
+	[ $$status -eq 0 ] && echo "make test: both parts passed" || echo "make test: a part failed (exit $$status)"; \
+	exit $$status
 
 # The whole job on this machine: a local CA, the image, a push and a pull; cleans up after.
 demo: system-deps venv
