@@ -92,7 +92,14 @@ class Agent:
         self.metrics = Metrics()
         # Rotations and a collection's read-only window both switch generations: one at a time.
         self._registry_lock = threading.Lock()
-        self._gc_user = internal_user() if settings.gc.retention.enabled else None
+        # htpasswd mode: retention's deletes go through an internal user. Token mode has
+        # none (a user would be a password the token service accepts): the agent mints
+        # retention's tokens itself (_retention_token).
+        self._gc_user = (
+            internal_user()
+            if settings.gc.retention.enabled and settings.auth_mode == "htpasswd"
+            else None
+        )
         self.gc = GcRunner(
             settings,
             self.local,  # a collection is one replica's (its read-only window, its record)
@@ -103,6 +110,7 @@ class Agent:
             if self._gc_user and self.users is not None
             else None,
             self.metrics.registry_started,
+            bearer=self._retention_token if settings.token is not None else None,
         )
         self.source = choose_source(
             settings, self.storage, self.challenges, self.metrics, self._serve
@@ -233,6 +241,12 @@ class Agent:
             config["storage"].update(extra["storage"])
         self.generations.configure(config)
         self._configured = True
+
+    def _retention_token(self, repository: str) -> str:
+        """Token mode: the bearer token of one retention API call on ``repository``."""
+        if self.token is None:  # the registry's config is not rendered yet: none serves
+            raise RuntimeError("token mode is not set up yet")
+        return self.token.internal_token(repository, utcnow())
 
     def _http_secret(self) -> str:
         """The registry's http.secret: with a shared store the one every replica uses

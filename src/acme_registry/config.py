@@ -227,7 +227,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if admin_addr.port in (registry_addr.port, http_port):
         raise ConfigError("ADMIN_ADDR", f"port {admin_addr.port} is already used by the registry")
     token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
-    gc_settings = _gc_settings(env, registry_env, auth_mode)
+    gc_settings = _gc_settings(env, registry_env)
     state = _state_settings(env)
     if state.shared and auth_mode == "token":
         # Each replica would sign tokens with its own key, which the others refuse.
@@ -658,9 +658,7 @@ def _default_gc_settings() -> GcSettings:
     return load_gc_settings({})
 
 
-def _gc_settings(
-    env: Mapping[str, str], registry_env: Mapping[str, str], auth_mode: str
-) -> GcSettings:
+def _gc_settings(env: Mapping[str, str], registry_env: Mapping[str, str]) -> GcSettings:
     """RETENTION_*/GC_* (unknown names refused by gcconfig), checked against the storage."""
     from .gcconfig import load_gc_settings
 
@@ -668,10 +666,6 @@ def _gc_settings(
     if not settings.retention.enabled:
         return settings
     keep = "RETENTION_KEEP_LAST" if settings.retention.keep_last else "RETENTION_KEEP_DAYS"
-    if auth_mode == "token":
-        # Retention deletes through the registry's API with basic credentials of an internal
-        # user; in token mode the registry accepts only bearer tokens.
-        raise ConfigError(keep, "retention does not work with AUTH_MODE=token yet")
     upper = {name.upper(): value.strip() for name, value in registry_env.items()}
     driver = upper.get("REGISTRY_STORAGE", "filesystem").lower() or "filesystem"
     if driver != "filesystem":

@@ -119,12 +119,23 @@ def collection_refusal(
 
 class RegistryApi:
     """The few registry API calls retention needs, over a caller-configured session
-    (trust and credentials are the caller's: the agent's internal user)."""
+    (trust and credentials are the caller's: the agent's internal user in htpasswd mode).
 
-    def __init__(self, base_url: str, session: requests.Session, timeout: float = 30) -> None:
+    ``bearer`` (token mode) mints a token for a repository; every call then carries one
+    for the repository it touches, so no call can reach another repository.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        session: requests.Session,
+        timeout: float = 30,
+        bearer: Callable[[str], str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.timeout = timeout
+        self.bearer = bearer
 
     def manifest_digest(
         self, repository: str, reference: str, timeout: float | None = None
@@ -132,6 +143,7 @@ class RegistryApi:
         """The digest ``reference`` (a tag) resolves to now; None if it does not exist."""
         response = self._request(
             "HEAD",
+            repository,
             f"{self.base_url}/v2/{repository}/manifests/{reference}",
             timeout,
             {"Accept": MANIFEST_ACCEPT},
@@ -145,13 +157,14 @@ class RegistryApi:
     def delete_manifest(self, repository: str, reference: str, timeout: float | None = None) -> int:
         """DELETE a manifest by digest (or a tag, on 3.x); returns the HTTP status."""
         response = self._request(
-            "DELETE", f"{self.base_url}/v2/{repository}/manifests/{reference}", timeout
+            "DELETE", repository, f"{self.base_url}/v2/{repository}/manifests/{reference}", timeout
         )
         return response.status_code
 
     def _request(
         self,
         method: str,
+        repository: str,
         url: str,
         timeout: float | None,
         headers: dict[str, str] | None = None,
@@ -160,6 +173,8 @@ class RegistryApi:
         once more: on 2.x a certificate rotation refuses connections for milliseconds, and
         a refused connect sent nothing, so repeating it (a DELETE too) is safe."""
         seconds = self.timeout if timeout is None else max(0.001, min(self.timeout, timeout))
+        if self.bearer is not None:
+            headers = {**(headers or {}), "Authorization": f"Bearer {self.bearer(repository)}"}
         try:
             return self.session.request(method, url, headers=headers, timeout=seconds)
         except requests.ConnectionError as error:

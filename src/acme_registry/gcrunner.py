@@ -2,7 +2,9 @@
 
 :class:`GcRunner` wires :func:`gc.run_gc` to the serving registry: the read-only window is a
 pair of generation switches (:meth:`RegistryGenerations.enter_readonly` /
-``leave_readonly``), the API calls go to the served port as an internal htpasswd user, and
+``leave_readonly``), the API calls go to the served port as an internal htpasswd user (in
+token mode with bearer tokens the agent mints itself, one repository's ``pull,delete`` each:
+:meth:`TokenMode.internal_token <acme_registry.tokenmode.TokenMode.internal_token>`), and
 each run is recorded in ``DATA_DIR/state/gc.json`` (for ``status``) and in the metrics.
 
 One run at a time. A scheduled run goes on a thread of its own, so a long collection never
@@ -148,13 +150,17 @@ class GcRunner:
         metrics_registry: CollectorRegistry,
         credentials: tuple[str, str] | None,
         generation_started: Callable[[], None] = lambda: None,
+        bearer: Callable[[str], str] | None = None,
     ) -> None:
+        """``credentials``: the internal htpasswd user's (htpasswd mode); ``bearer``: mints
+        a token for a repository (token mode), sent instead."""
         self.settings = settings
         self.storage = storage
         self.generations = generations
         self.lock = registry_lock
         self.metrics = GcMetrics(metrics_registry)
         self.credentials = credentials
+        self.bearer = bearer
         self.generation_started = generation_started
         self.tree = FilesystemTree(storage_root(settings.registry_env))
         self._tag_delete: bool | None = None
@@ -310,7 +316,7 @@ class GcRunner:
             return gc.run_gc(
                 tree=self.tree,
                 rules=self._rules(),
-                api=gc.RegistryApi(self._base_url(), session),
+                api=gc.RegistryApi(self._base_url(), session, bearer=self.bearer),
                 binary=self.settings.registry_binary,
                 config=config,
                 env=self._registry_process_env(),

@@ -12,7 +12,9 @@ are wired here, so the agent only calls a few methods at the points of its loop:
 - :func:`registry_key_reference`: whether tokens name their key by ``kid`` (registry 3.x,
   cheaper to check) or ``x5c`` (2.8), from the registry binary's ``--version``;
 - :meth:`TokenMode.maintain`: the keyring's rollover, once per loop step: a new bundle is
-  written and a generation started with it (``rotate``) before the new key signs.
+  written and a generation started with it (``rotate``) before the new key signs;
+- :meth:`TokenMode.internal_token`: retention's own bearer token for one repository,
+  minted in the agent with the keyring, never through the token service.
 
 Users and grants are re-read at every token request: passwords and run-time grants through
 the :class:`~.auth.UserStore`, the policy file by its mtime. A policy file that became
@@ -36,13 +38,28 @@ from .policy import EMPTY_POLICY, Grants, Policy, PolicyError, effective_grants,
 from .storage import write_atomic
 from .tokenconfig import TokenSettings
 from .tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
-from .tokens import FileBlob, KeyReference, Keyring, key_reference_for, load_keyring
+from .tokens import (
+    FileBlob,
+    KeyReference,
+    Keyring,
+    access_claims,
+    key_reference_for,
+    load_keyring,
+)
 from .tokenservice import Hooks, PasswordChecker, TokenService
 
 log = logging.getLogger(__name__)
 
 KEYRING_FILE = Path("token") / "keyring.json"
 BUNDLE_FILE = Path("registry") / "token-roots.pem"
+# Who retention's deletes are made as, in the registry's log (auth.user.name). The space
+# keeps it out of the user names (names.USER_NAME): no login can ever be this subject.
+INTERNAL_SUBJECT = "acme-registry retention"
+# Each token is minted for one request and checked when that request arrives: a minute is
+# ample, and a token that leaked anyhow would be useless soon after.
+INTERNAL_TOKEN_TTL = dt.timedelta(seconds=60)
+# What retention does to a repository: HEAD a tag (pull), DELETE a manifest or tag (delete).
+RETENTION_ACTIONS = ("pull", "delete")
 
 
 def registry_key_reference(binary: Path) -> KeyReference:
@@ -132,6 +149,21 @@ class TokenMode:
     def describe_grants(self, user: str) -> str:
         """One line for ``user list``: the user's effective grants."""
         return self.grants(user).describe()
+
+    def internal_token(self, repository: str, now: dt.datetime) -> str:
+        """A bearer token for retention's API calls on ``repository``: exactly
+        ``repository:<repository>:pull,delete``, :data:`INTERNAL_TOKEN_TTL`, signed with the
+        current key as the token service signs. It never passes through the token service
+        (no password, no user, not counted as issued) and must never be logged."""
+        claims = access_claims(
+            issuer=self.settings.issuer,
+            subject=INTERNAL_SUBJECT,
+            audience=self.settings.service,
+            access=[{"type": "repository", "name": repository, "actions": [*RETENTION_ACTIONS]}],
+            now=now,
+            ttl=INTERNAL_TOKEN_TTL,
+        )
+        return self.keyring.current.sign(claims, self.service.key_reference)
 
     # -- the registry ------------------------------------------------------------------
 

@@ -99,19 +99,11 @@ def test_readonly_config_adds_only_the_flag():
     assert json.dumps(readonly, sort_keys=True) == json.dumps(config, sort_keys=True)
 
 
-def test_retention_is_refused_in_token_mode():
-    from acme_registry.config import ConfigError, load_settings
-
-    env = {
-        "ACME_DOMAINS": "registry.example.com",
-        "REGISTRY_BINARY": "/bin/sh",
-        "AUTH_MODE": "token",
-        "RETENTION_KEEP_LAST": "5",
-    }
-    try:
-        load_settings(env)
-    except ConfigError as error:
-        assert error.variable == "RETENTION_KEEP_LAST"
-        assert "AUTH_MODE=token" in str(error)
-    else:
-        raise AssertionError("retention with AUTH_MODE=token was accepted")
+def test_retention_works_in_token_mode():
+    """Its deletes go with tokens the agent mints (tokenmode.internal_token); the registry's
+    storage.delete is on, as token mode and retention each need."""
+    settings = load_settings({**BASE, "AUTH_MODE": "token", "RETENTION_KEEP_LAST": "5"})
+    assert settings.gc.retention.keep_last == 5
+    assert settings.token is not None
+    config = render_config(settings, "s" * 32, Path("/tls.pem"), {}, None)
+    assert config["storage"]["delete"] == {"enabled": True}

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
 from acme_registry.admin import Metrics
 from acme_registry.config import ListenAddress
+from acme_registry.names import is_user_name
 from acme_registry.policy import EVERYTHING, Grants
 from acme_registry.tokenconfig import TokenSettings
-from acme_registry.tokenmode import PolicyFile, TokenMode
-from acme_registry.tokens import NEXT_KEY_LEAD, Keyring
+from acme_registry.tokenmode import INTERNAL_SUBJECT, INTERNAL_TOKEN_TTL, PolicyFile, TokenMode
+from acme_registry.tokens import NEXT_KEY_LEAD, Keyring, b64url_decode
 from tests.support.users import user_store
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
@@ -97,3 +103,25 @@ def test_keyring_rollover_waits_for_a_registry_that_trusts_the_new_key(tmp_path)
     assert first.cert_pem in bundle.read_bytes()
     stored = Keyring.from_bytes((tmp_path / "data" / "token" / "keyring.json").read_bytes())
     assert stored.current.cert == mode.keyring.current.cert
+
+
+def test_retentions_internal_token_grants_one_repository_pull_and_delete_only(tmp_path):
+    mode = make_mode(tmp_path)
+    token = mode.internal_token("team/app", NOW)
+    header, body, signature = (b64url_decode(part) for part in token.split("."))
+    claims = json.loads(body)
+    assert claims["access"] == [
+        {"type": "repository", "name": "team/app", "actions": ["pull", "delete"]}
+    ]
+    assert (claims["iss"], claims["aud"]) == ("acme-registry@registry.test", "registry.test")
+    assert claims["exp"] - claims["iat"] == INTERNAL_TOKEN_TTL.total_seconds() == 60
+    # No login can be this subject: it is not a user name.
+    assert claims["sub"] == INTERNAL_SUBJECT and not is_user_name(claims["sub"])
+    assert json.loads(header)["x5c"]  # the key reference the service uses (x5c here)
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    mode.keyring.current.key.public_key().verify(
+        encode_dss_signature(r, s),
+        token.rpartition(".")[0].encode(),
+        ec.ECDSA(hashes.SHA256()),
+    )
+    assert mode.internal_token("team/app", NOW) != token  # a new token (jti) each call
