@@ -237,6 +237,87 @@ def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_th
     assert "Traceback" not in agent.log()
 
 
+# Token mode: ci may push (so pull) ci/*, never delete; tester (AUTH_USERS' user, no grant)
+# may do everything, as in htpasswd mode.
+TOKEN_POLICY = 'users:\n  ci:\n    push: ["ci/*"]\n'
+CI_PASSWORD = "ci-Pa55word-long-enough"
+
+
+def token_env(tmp_path: Path) -> dict[str, str]:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(TOKEN_POLICY)
+    return {
+        "AUTH_MODE": "token",
+        "AUTH_USERS": f"{CREDS},ci:{CI_PASSWORD}",
+        "AUTH_POLICY_FILE": str(policy),
+        "TOKEN_ADDR": f"127.0.0.1:{free_port()}",
+    }
+
+
+def test_retention_in_token_mode_deletes_with_its_own_tokens_and_lets_no_one_else_delete(
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+) -> None:
+    """AUTH_MODE=token: the registry takes bearer tokens only. The dry run and `gc` remove
+    what the KEEP rule selects (through tokens the agent mints for itself), the kept images
+    still pull, a user without delete still cannot delete, and there is no internal user to
+    log in as."""
+    pebble = pebble_factory(free_port())
+    agent = start_agent(tmp_path, pebble, registry_binary, **KEEP, **token_env(tmp_path))
+    try:
+        served(agent, pebble)
+        agent.wait_ready()
+        ci = Skopeo(tmp_path / "ci", pebble.root_pem(), [NAME], creds=f"ci:{CI_PASSWORD}")
+        layout = tmp_path / "layout"
+        push_history(agent, ci, layout, "ci/app", ["t1", "t2", "t3", "t4"])
+        repo = f"{NAME}:{agent.registry_port}/ci/app"
+        kept = {t: ci.manifest_digest(f"{repo}:{t}") for t in ("t3", "t4")}
+
+        dry = agent.cli("gc", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        removes = sorted(re.findall(r"^remove \(.*\): (ci/app:\w+)", dry.stdout, re.M))
+        assert removes == ["ci/app:t1", "ci/app:t2"], dry.stdout
+        announced = int(found(r"collection would free (\d+) bytes", dry.stdout))
+        assert sorted(ci.list_tags(repo)) == ["t1", "t2", "t3", "t4"]  # unchanged
+
+        before = blob_file_bytes(storage_of(agent))
+        run = agent.cli("gc", timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert re.search(r"^2 tag\(s\) removed, 2 manifest\(s\) deleted", run.stdout, re.M)
+        freed = int(found(r"(\d+) byte\(s\) freed", run.stdout))
+        assert freed == announced == before - blob_file_bytes(storage_of(agent)) > 0
+
+        assert sorted(ci.list_tags(repo)) == ["t3", "t4"]
+        for tag, digest in kept.items():
+            ci.pull(f"{repo}:{tag}", tmp_path / "pulled", tag)
+            assert ci.manifest_digest(f"{repo}:{tag}") == digest
+        add_image(layout, "t5", [("t5", os.urandom(16 * 1024))])
+        ci.push(layout, "t5", f"{repo}:t5")  # read-write again after the window
+
+        # ci has no delete: its token leaves delete out and the registry refuses.
+        delete = ["delete", "--tls-verify=true", "--cert-dir", str(ci.cert_dir)]
+        with pytest.raises(AssertionError, match=r"(?s)Failed to delete .*401 Unauthorized"):
+            ci.run(*delete, "--creds", f"ci:{CI_PASSWORD}", f"docker://{repo}:t4")
+        assert ci.manifest_digest(f"{repo}:t4") == kept["t4"]
+        # No internal user exists to log in as: the token service knows only real users.
+        users = agent.cli("user", "list").stdout
+        assert "acme-registry-gc" not in users and "internal" not in users, users
+        with pytest.raises(AssertionError, match="invalid username/password"):
+            Skopeo(
+                tmp_path / "gc-user", pebble.root_pem(), [NAME], creds="acme-registry-gc:x"
+            ).list_tags(repo)
+
+        state = json.loads(agent.cli("status", "--json").stdout)["gc"]
+        assert state["last_run"]["result"] == "success" and state["last_run"]["tags_removed"] == 2
+        assert metric(agent, 'acme_registry_gc_runs_total{result="success"}') == 1.0
+        assert metric(agent, "acme_registry_readonly") == 0.0
+    finally:
+        assert agent.stop() == 0
+    log = agent.log()
+    assert "Traceback" not in log
+    # No token in the log: a JWT's header always starts with these base64url bytes ('{"').
+    assert "eyJ" not in log, [line for line in log.splitlines() if "eyJ" in line][:3]
+
+
 def set_pushed(agent: AgentProcess, repo: str, tag: str, when: dt.datetime) -> None:
     link = storage_of(agent) / f"docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}"
     os.utime(link / "current/link", (when.timestamp(), when.timestamp()))
@@ -334,12 +415,15 @@ def test_kill_9_of_the_agent_during_a_collection_next_start_serves_read_write(
         assert again.stop() == 0
 
 
+@pytest.mark.parametrize("auth_mode", ["htpasswd", "token"])
 def test_a_short_schedule_fires_by_itself(
-    tmp_path: Path, pebble_factory: Any, registry_binary: Path
+    tmp_path: Path, pebble_factory: Any, registry_binary: Path, auth_mode: str
 ) -> None:
+    """In token mode too: the scheduled run deletes with tokens the agent mints."""
     pebble = pebble_factory(free_port())
+    mode = token_env(tmp_path) if auth_mode == "token" else {}
     # The history is pushed with the schedule off: a run's read-only window would refuse it.
-    first = start_agent(tmp_path, pebble, registry_binary, GC_SCHEDULE="off")
+    first = start_agent(tmp_path, pebble, registry_binary, GC_SCHEDULE="off", **mode)
     try:
         served(first, pebble)
         first.wait_ready()
