@@ -368,6 +368,9 @@ class GcRunner:
         # the name is not checked (the connection goes to an address, not the domain).
         session.verify = False
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        # No HTTPS_PROXY and no ~/.netrc: the calls go to loopback, and a netrc entry would
+        # replace token mode's bearer header with basic credentials.
+        session.trust_env = False
         if self.credentials is not None:
             session.auth = self.credentials
         return session
