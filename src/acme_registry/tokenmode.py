@@ -32,6 +32,8 @@ every user every action.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import os
 from collections.abc import Callable
@@ -149,6 +151,7 @@ class TokenMode:
             checker=PasswordChecker(),
             hooks=Hooks(failure=metrics.auth_failure, issued=metrics.token_issued),
             key_reference=key_reference,
+            refresh_binding=self.refresh_binding if self.shared else None,
         )
 
     def _load(self, now: dt.datetime) -> Keyring:
@@ -178,6 +181,25 @@ class TokenMode:
             self.users.runtime_grants(),
             self.settings.anonymous_pull,
         )
+
+    def refresh_binding(self, name: str) -> str | None:
+        """Shared store: what a refresh token binds ``name`` to, the same on every replica.
+
+        A password from AUTH_USERS is hashed by each replica with its own salt, so its hash
+        differs between replicas: such a user is bound to a digest of the password keyed
+        with the keyring's refresh secret (a changed password still invalidates the token;
+        the digest in a token tells nothing without the secret). Everyone else: the hash,
+        stored in the shared store or given in the environment, the same everywhere.
+        """
+        credential = self.users.env_users.get(name)
+        if credential is not None and not credential.hashed:
+            keyed = hmac.new(
+                self.keyring.refresh_secret,
+                b"acme-registry env password\0" + f"{name}\0{credential.secret}".encode(),
+                hashlib.sha256,
+            )
+            return f"env:{keyed.hexdigest()}"
+        return self.users.password_hash(name)
 
     def describe_grants(self, user: str) -> str:
         """One line for ``user list``: the user's effective grants."""

@@ -11,6 +11,7 @@ import pytest
 
 from acme_registry import statekeys
 from acme_registry.admin import Metrics
+from acme_registry.auth import Credential
 from acme_registry.config import ListenAddress
 from acme_registry.policy import EVERYTHING, Grants
 from acme_registry.storage import FileStorage
@@ -175,3 +176,22 @@ def test_replica_starts_from_its_copy_while_the_store_is_down(tmp_path):
     assert again.keyring.current == first.keyring.current
     with pytest.raises(OSError):
         replica(tmp_path, "r2", Down(tmp_path / "store"), times)  # no copy: unready
+
+
+def test_refresh_binding_of_an_environment_password_is_the_same_on_every_replica(tmp_path):
+    shared = FileStorage(tmp_path / "store")
+
+    def with_env(name: str, password: str) -> TokenMode:
+        data = tmp_path / name
+        users = user_store(data, {"ci": Credential(password, hashed=False, source="AUTH_USERS")})
+        users.sync_htpasswd()  # each replica hashes the password with its own salt
+        return TokenMode(settings(), data, users, Metrics(), NOW, shared=shared)
+
+    one, two = with_env("r1", "ci-Pa55word-long"), with_env("r2", "ci-Pa55word-long")
+    assert one.users.password_hash("ci") != two.users.password_hash("ci")
+    assert one.refresh_binding("ci") == two.refresh_binding("ci")
+    assert "ci-Pa55word" not in (one.refresh_binding("ci") or "")
+    assert with_env("r3", "another-Pa55word").refresh_binding("ci") != one.refresh_binding("ci")
+    # A run-time user: its hash (in the shared store, the same for every replica).
+    one.users.add("alice", "alice-Pa55word")
+    assert one.refresh_binding("alice") == one.users.password_hash("alice")
