@@ -37,6 +37,7 @@ import hmac
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from .tokens import (
     Keyring,
     SecretBlob,
     StorageBlob,
+    TokenError,
     key_reference_for,
     load_keyring,
     update_keyring,
@@ -157,16 +159,28 @@ class TokenMode:
     def _load(self, now: dt.datetime) -> Keyring:
         if self.stored is None:
             return load_keyring(self.blob, now, self.times)
+        # A keyring in DATA_DIR and none in the store: a single instance becoming replicas.
+        # Its key goes on signing (with its refresh tokens) instead of a new one.
+        seed = self._cached_copy()
         try:
-            ring = load_keyring(self.stored, now, self.times, served=self.served_here)
+            ring = load_keyring(self.stored, now, self.times, self.served_here, seed)
         except OSError:
-            cached = self.cache.load()
-            if cached is None:
+            if seed is None:
                 raise
             log.warning("the state store is unreachable: signing with the cached keyring")
-            return Keyring.from_bytes(cached)
+            return seed
         self._keep_copy(ring)
         return ring
+
+    def _cached_copy(self) -> Keyring | None:
+        data = self.cache.load()
+        if data is None:
+            return None
+        try:
+            return replace(Keyring.from_bytes(data), served_bundle="")
+        except TokenError as error:
+            log.error("%s: %s; not used", self.cache.path, error)
+            return None
 
     def _keep_copy(self, ring: Keyring) -> None:
         if self.stored is not None and self.cache.load() != ring.to_bytes():

@@ -502,16 +502,16 @@ def load_keyring(
     now: dt.datetime,
     times: KeyringTimes | None = None,
     served: str | None = None,
+    seed: Keyring | None = None,
 ) -> Keyring:
-    """The stored keyring advanced to ``now``; created (and stored) on first use. With a
-    conditional ``blob``, replicas starting at once all end with the one that was stored
-    first."""
+    """The stored keyring advanced to ``now``; on first use ``seed`` or a new one, stored.
+    With a conditional ``blob``, replicas starting at once all end with the one that was
+    stored first."""
     times = times or KeyringTimes().single()
 
     def change(ring: Keyring | None) -> Keyring:
-        if ring is None:
-            return Keyring.create(now, times.lifetime).advance(now, times=times, served=served)
-        return ring.advance(now, times=times, served=served)
+        base = ring or seed or Keyring.create(now, times.lifetime)
+        return base.advance(now, times=times, served=served)
 
     return update_keyring(blob, change)
 

@@ -195,3 +195,25 @@ def test_refresh_binding_of_an_environment_password_is_the_same_on_every_replica
     # A run-time user: its hash (in the shared store, the same for every replica).
     one.users.add("alice", "alice-Pa55word")
     assert one.refresh_binding("alice") == one.users.password_hash("alice")
+
+
+def test_a_single_instance_becoming_replicas_keeps_its_key(tmp_path):
+    single = make_mode(tmp_path)  # STATE_STORE=file: the keyring in DATA_DIR
+    shared = FileStorage(tmp_path / "store")
+    mode = TokenMode(settings(), tmp_path / "data", single.users, Metrics(), NOW, shared=shared)
+    assert mode.keyring.current == single.keyring.current
+    assert mode.keyring.refresh_secret == single.keyring.refresh_secret
+    stored = Keyring.from_bytes(shared.load_bytes(statekeys.TOKEN_KEYRING) or b"")
+    assert stored.current == single.keyring.current
+    # A damaged copy is not used: a new keyring, in the store.
+    (tmp_path / "r2" / "token").mkdir(parents=True)
+    (tmp_path / "r2" / "token" / "keyring.json").write_bytes(b"{")
+    other = TokenMode(
+        settings(),
+        tmp_path / "r2",
+        single.users,
+        Metrics(),
+        NOW,
+        shared=FileStorage(tmp_path / "s2"),
+    )
+    assert other.keyring.current != single.keyring.current
