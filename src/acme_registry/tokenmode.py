@@ -14,7 +14,7 @@ are wired here, so the agent only calls a few methods at the points of its loop:
 - :meth:`TokenMode.maintain`: the keyring's rollover, once per loop step: a new bundle is
   written and a generation started with it (``rotate``) before the new key signs.
 
-With a shared store (``storage`` given, ``STATE_STORE=s3``) the keyring is the store's
+With a shared store (``shared`` given, ``STATE_STORE=s3``) the keyring is the store's
 :data:`statekeys.TOKEN_KEYRING` (sealed by the store's encryption), created and changed
 only by conditional writes (:class:`~.tokens.StorageBlob`), so every replica signs with
 the same key and checks the others' refresh tokens. :meth:`TokenMode.maintain` then first
