@@ -225,6 +225,8 @@ class Agent:
                 self.metrics,
                 utcnow(),
                 registry_key_reference(self.settings.registry_binary),
+                # Shared store: one keyring for every replica, kept there.
+                shared=self.storage if self.shared else None,
             )
             extra = self.token.registry_config(utcnow())
             auth = extra["auth"]
@@ -315,6 +317,7 @@ class Agent:
             return poll
         if self.mirror is not None and self.mirror.seen and self.mirror.version is None:
             changed = self._publish_cache() or changed
+        self._follow_token_keys()
         now = time.monotonic()
         if renewals or changed or now >= self._next_maintain:
             wait = self.source.maintain(utcnow(), renewals)
@@ -479,9 +482,24 @@ class Agent:
         none runs yet (the first one, started later, reads it)."""
         if self.generations.current() is None:
             return False
-        self.generations.rotate()
+        with self._registry_lock:  # never during a collection's switch
+            self.generations.rotate()
         self.metrics.registry_started()
         return True
+
+    def _follow_token_keys(self) -> None:
+        """Shared store: follow the keyring other replicas may advance, and advance it when
+        due; a new bundle starts a registry generation here too (tokenrollover)."""
+        if self.token is None:
+            return
+        try:
+            self.token.maintain(utcnow(), self._rotate_for_token_keys)
+        except OSError as error:
+            # The store went away since the look above: the next step tries again, and
+            # the keyring in memory keeps signing.
+            log.error("following the token keyring failed: %s", error)
+        except Exception:  # a record that cannot be opened must not stop the loop
+            log.exception("following the token keyring failed")
 
     def _describe_grants(self, name: str) -> str:
         return self.token.describe_grants(name) if self.token is not None else "everything"

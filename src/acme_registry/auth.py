@@ -510,9 +510,15 @@ class UserStore:
 
     def _cached_state(self) -> _State:
         """The stored state, parsed again only when its bytes changed (no lock: writes
-        replace the file whole)."""
-        raw = self.storage.load_bytes(statekeys.USERS)
+        replace the file whole). A shared store that cannot be reached: the state last
+        read (token mode's logins keep working, as the htpasswd file does)."""
         cached = self._state_cache
+        try:
+            raw = self.storage.load_bytes(statekeys.USERS)
+        except OSError:
+            if cached is None:
+                raise
+            return cached[1]
         if cached is not None and cached[0] == raw:
             return cached[1]
         state = self._parse(raw)

@@ -229,11 +229,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     token = _token_settings(env, auth_mode, domains, registry_addr, http_port, admin_addr)
     gc_settings = _gc_settings(env, registry_env)
     state = _state_settings(env)
-    if state.shared and auth_mode == "token":
-        # Each replica would sign tokens with its own key, which the others refuse.
-        raise ConfigError(
-            "AUTH_MODE", "token is not supported with STATE_STORE=s3 yet (use htpasswd)"
-        )
     return Settings(
         domains=domains,
         email=_email(env.get("ACME_EMAIL", "").strip() or None),

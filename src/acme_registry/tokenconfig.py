@@ -11,18 +11,22 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError, ListenAddress, is_service_link
 from .policy import PolicyError, parse_anonymous_pull
+from .tokenrollover import KeyringTimes, parse_keyring_times
 
 TOKEN_VARIABLES = ("TOKEN_ADDR", "TOKEN_REALM", "TOKEN_TTL", "TOKEN_PROXY_PROTOCOL")
 # AUTH_* names of token mode: config's unknown-setting check must know them too.
 AUTH_TOKEN_VARIABLES = ("AUTH_POLICY_FILE", "AUTH_ANONYMOUS_PULL")
 KNOWN_VARIABLES = TOKEN_VARIABLES + AUTH_TOKEN_VARIABLES
+# Internal (ACME_REGISTRY_* names are never documented): tests shorten the keyring's
+# lifetimes with it, "LIFETIME,LEAD,GRACE" in seconds (tokenrollover.KeyringTimes).
+KEYRING_TIMES_VARIABLE = "ACME_REGISTRY_TOKEN_KEYRING_TIMES"
 
 DEFAULT_ADDR = ":5001"
 DEFAULT_TTL = 300
@@ -46,6 +50,7 @@ class TokenSettings:
     proxy_protocol: bool
     policy_file: Path | None
     anonymous_pull: tuple[str, ...]
+    keyring_times: KeyringTimes = field(default_factory=KeyringTimes)
 
 
 def reject_unknown_token_variables(env: Mapping[str, str]) -> None:
@@ -86,6 +91,11 @@ def load_token_settings(
         anonymous = parse_anonymous_pull(anonymous_text) if anonymous_text else ()
     except PolicyError as exc:
         raise ConfigError("AUTH_ANONYMOUS_PULL", str(exc).partition(": ")[2]) from None
+    times_text = env.get(KEYRING_TIMES_VARIABLE, "").strip()
+    try:
+        times = parse_keyring_times(times_text) if times_text else KeyringTimes()
+    except ValueError as exc:
+        raise ConfigError(KEYRING_TIMES_VARIABLE, str(exc)) from None
     return TokenSettings(
         addr=addr,
         realm=realm,
@@ -95,6 +105,7 @@ def load_token_settings(
         proxy_protocol=_boolean("TOKEN_PROXY_PROTOCOL", env.get("TOKEN_PROXY_PROTOCOL", "")),
         policy_file=Path(policy_text) if policy_text else None,
         anonymous_pull=anonymous,
+        keyring_times=times,
     )
 
 

@@ -16,6 +16,15 @@ are wired here, so the agent only calls a few methods at the points of its loop:
 - :meth:`TokenMode.internal_token`: retention's own bearer token for one repository,
   minted in the agent with the keyring, never through the token service.
 
+With a shared store (``shared`` given, ``STATE_STORE=s3``) the keyring is the store's
+:data:`statekeys.TOKEN_KEYRING` (sealed by the store's encryption), created and changed
+only by conditional writes (:class:`~.tokens.StorageBlob`), so every replica signs with
+the same key and checks the others' refresh tokens. :meth:`TokenMode.maintain` then first
+follows the stored keyring (a conditional GET per poll), and the "registry trusts this
+bundle" mark is this replica's own, kept in memory: the switch to the next key waits for
+it and for the grace of :mod:`tokenrollover`. ``DATA_DIR/token/keyring.json`` is a copy,
+for a start while the store is down.
+
 Users and grants are re-read at every token request: passwords and run-time grants through
 the :class:`~.auth.UserStore`, the policy file by its mtime. A policy file that became
 invalid at run time keeps the last valid one in force (logged): an empty policy would give
@@ -25,26 +34,33 @@ every user every action.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import activation, tokenconfig
+from . import activation, statekeys, tokenconfig
 from .admin import Metrics
 from .auth import UserStore
 from .policy import EMPTY_POLICY, Grants, Policy, PolicyError, effective_grants, parse_policy
-from .storage import write_atomic
+from .storage import Storage, write_atomic
 from .tokenconfig import TokenSettings
 from .tokenhttp import ServerCertificate, ThreadedServer, TokenHTTPServer
 from .tokens import (
     FileBlob,
     KeyReference,
     Keyring,
+    SecretBlob,
+    StorageBlob,
+    TokenError,
     access_claims,
     key_reference_for,
     load_keyring,
+    update_keyring,
 )
 from .tokenservice import Hooks, PasswordChecker, TokenService
 
@@ -112,13 +128,27 @@ class TokenMode:
         metrics: Metrics,
         now: dt.datetime,
         key_reference: KeyReference = KeyReference.X5C,
+        shared: Storage | None = None,
     ) -> None:
         """``key_reference``: how tokens name their key, for the registry binary in use
-        (:func:`~.tokens.key_reference_for` its major version)."""
+        (:func:`~.tokens.key_reference_for` its major version). ``shared``: the state store
+        several replicas share (``STATE_STORE=s3``), which then holds the keyring.
+
+        OSError when the shared store cannot be reached and no copy is in DATA_DIR.
+        """
         self.settings = settings
         self.users = users
-        self.blob = FileBlob(data_dir / KEYRING_FILE)
-        self.keyring: Keyring = load_keyring(self.blob, now)
+        self.shared = shared is not None
+        self.times = settings.keyring_times if self.shared else settings.keyring_times.single()
+        self.cache = FileBlob(data_dir / KEYRING_FILE)
+        self.stored: StorageBlob | None = (
+            StorageBlob(shared, statekeys.TOKEN_KEYRING) if shared is not None else None
+        )
+        self.blob: SecretBlob = self.stored or self.cache
+        # Shared store: the bundle digest this replica's registry runs with (each replica
+        # has its own; the keyring's served_bundle is a single instance's).
+        self.served_here = ""
+        self.keyring: Keyring = self._load(now)
         self.bundle_path = data_dir / BUNDLE_FILE
         self.policy_file = PolicyFile(settings.policy_file)
         self._written_digest: str | None = None
@@ -134,7 +164,38 @@ class TokenMode:
             checker=PasswordChecker(),
             hooks=Hooks(failure=metrics.auth_failure, issued=metrics.token_issued),
             key_reference=key_reference,
+            refresh_binding=self.refresh_binding if self.shared else None,
         )
+
+    def _load(self, now: dt.datetime) -> Keyring:
+        if self.stored is None:
+            return load_keyring(self.blob, now, self.times)
+        # A keyring in DATA_DIR and none in the store: a single instance becoming replicas.
+        # Its key goes on signing (with its refresh tokens) instead of a new one.
+        seed = self._cached_copy()
+        try:
+            ring = load_keyring(self.stored, now, self.times, self.served_here, seed)
+        except OSError:
+            if seed is None:
+                raise
+            log.warning("the state store is unreachable: signing with the cached keyring")
+            return seed
+        self._keep_copy(ring)
+        return ring
+
+    def _cached_copy(self) -> Keyring | None:
+        data = self.cache.load()
+        if data is None:
+            return None
+        try:
+            return replace(Keyring.from_bytes(data), served_bundle="")
+        except TokenError as error:
+            log.error("%s: %s; not used", self.cache.path, error)
+            return None
+
+    def _keep_copy(self, ring: Keyring) -> None:
+        if self.stored is not None and self.cache.load() != ring.to_bytes():
+            self.cache.store(ring.to_bytes())
 
     # -- grants ------------------------------------------------------------------------
 
@@ -145,6 +206,25 @@ class TokenMode:
             self.users.runtime_grants(),
             self.settings.anonymous_pull,
         )
+
+    def refresh_binding(self, name: str) -> str | None:
+        """Shared store: what a refresh token binds ``name`` to, the same on every replica.
+
+        A password from AUTH_USERS is hashed by each replica with its own salt, so its hash
+        differs between replicas: such a user is bound to a digest of the password keyed
+        with the keyring's refresh secret (a changed password still invalidates the token;
+        the digest in a token tells nothing without the secret). Everyone else: the hash,
+        stored in the shared store or given in the environment, the same everywhere.
+        """
+        credential = self.users.env_users.get(name)
+        if credential is not None and not credential.hashed:
+            keyed = hmac.new(
+                self.keyring.refresh_secret,
+                b"acme-registry env password\0" + f"{name}\0{credential.secret}".encode(),
+                hashlib.sha256,
+            )
+            return f"env:{keyed.hexdigest()}"
+        return self.users.password_hash(name)
 
     def describe_grants(self, user: str) -> str:
         """One line for ``user list``: the user's effective grants."""
@@ -218,21 +298,71 @@ class TokenMode:
         return server
 
     def _generation_started(self) -> None:
-        if self._written_digest is not None and self._written_digest != self.keyring.served_bundle:
-            self.keyring = self.keyring.mark_served(self._written_digest)
-            self.blob.store(self.keyring.to_bytes())
+        written = self._written_digest
+        if written is None or written == self._served():
+            return
+        if self.stored is not None:
+            self.served_here = written
+            return
+        self.keyring = update_keyring(
+            self.blob, lambda stored: (stored or self.keyring).mark_served(written)
+        )
+
+    def _served(self) -> str:
+        """The bundle digest the registry runs with: this replica's, or (one instance)
+        the one the keyring records."""
+        return self.served_here if self.stored is not None else self.keyring.served_bundle
 
     # -- the keyring's rollover --------------------------------------------------------
 
+    def follow(self) -> bool:
+        """Shared store: take the stored keyring when another replica changed it (one
+        conditional GET); True when it changed. OSError when the store is unreachable."""
+        if self.stored is None:
+            return False
+        changed, data = self.stored.load_if_changed()
+        if not changed:
+            return False
+        if data is None:
+            # Removed from the store: put ours back (or take one a replica just made).
+            ring = update_keyring(self.stored, lambda stored: stored or self.keyring)
+        else:
+            ring = Keyring.from_bytes(data)
+        self._adopt(ring, "read from the shared store")
+        return True
+
+    def _adopt(self, ring: Keyring, how: str) -> None:
+        if ring.to_bytes() == self.keyring.to_bytes():
+            self.keyring = ring
+            return
+        self.keyring = ring
+        self._keep_copy(ring)
+        log.info(
+            "token signing keyring %s (signing key valid until %s%s)",
+            how,
+            ring.current.not_after,
+            ", a next key published" if ring.next is not None else "",
+        )
+
     def maintain(self, now: dt.datetime, rotate: Callable[[], bool]) -> None:
         """Advance the keyring; ``rotate`` starts a registry generation and says whether it
-        did (False: none runs yet, and the first one will read the bundle written here)."""
-        ring = self.keyring.advance(now)
-        if ring != self.keyring:
-            self.blob.store(ring.to_bytes())
-            self.keyring = ring
-            log.info("token signing keyring advanced (key valid until %s)", ring.current.not_after)
-        if ring.bundle_digest(now) == ring.served_bundle:
+        did (False: none runs yet, and the first one will read the bundle written here).
+
+        Shared store: the stored keyring is followed first, and a change is written only
+        on the version read (re-read and redone on a conflict). OSError when the store
+        cannot be reached (the keyring in memory keeps signing)."""
+        self.follow()
+        served = self.served_here if self.stored is not None else None
+        if self.keyring.advance(now, times=self.times, served=served) is not self.keyring:
+            ring = update_keyring(
+                self.blob,
+                lambda stored: (stored or self.keyring).advance(
+                    now, times=self.times, served=served
+                ),
+            )
+            self._adopt(ring, "advanced")
+        ring = self.keyring
+        if ring.bundle_digest(now) == self._served():
             return
         self.write_bundle(now)
         if rotate():

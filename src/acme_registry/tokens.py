@@ -37,11 +37,25 @@ certificate, valid :data:`CERT_LIFETIME` (one year). Rollover, without a refused
    it signed lives.
 
 A keyring whose current certificate has expired (the agent was off for a month) switches
-to a fresh key at once: tokens signed by an expired certificate are refused anyway.
+to a fresh key at once: tokens signed by an expired certificate are refused anyway. The
+bundle lists its certificates oldest first, so the switch itself leaves it as it is.
+
+**Several replicas** (``STATE_STORE=s3``) share one keyring in the store, and each runs its
+own registry generations, which read the bundle only when they start. Step 2 then cannot
+be known for all of them by any one replica: the next key carries the instant it was
+published (``next_since``); every replica follows the stored keyring each poll interval
+and starts a generation when the bundle changed; the mark of step 2 is each replica's own,
+in memory (``served`` of :meth:`Keyring.advance`, never written to the store), and step 3
+also waits until the next key has been in the store for :attr:`KeyringTimes.grace` (7
+days, far longer than a poll interval: :mod:`tokenrollover`). By then every replica that
+can reach the store trusts it; the old certificate stays trusted for the 23 days left.
 
 The keyring is stored as one JSON object (keys in PEM, so the object is secret: 0600)
 through :class:`SecretBlob`, a two-method interface (``load() -> bytes | None``,
-``store(bytes)``): :class:`FileBlob` keeps it in a file; the storage seam can hold it too.
+``store(bytes)``): :class:`FileBlob` keeps it in a file; :class:`StorageBlob` under a
+storage key (the shared store seals it), where every write is conditional on the version
+read: :func:`update_keyring` re-reads and redoes a change on a conflict, so replicas that
+create or advance the keyring at once end with one keyring.
 
 **Refresh tokens** (``access_type=offline``; docker keeps one as its identity token) are
 ``base64url(claims).base64url(HMAC-SHA256)`` under a secret kept in the keyring, with the
@@ -72,8 +86,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-CERT_LIFETIME = dt.timedelta(days=365)
-NEXT_KEY_LEAD = dt.timedelta(days=30)
+from .storage import Storage, StorageConflict
+from .tokenrollover import CERT_LIFETIME, KeyringTimes, next_key_due, switch_due
+from .tokenrollover import NEXT_KEY_LEAD as NEXT_KEY_LEAD
+
 # Clocks of the registry and the agent are the same host's, but a restored backup or a
 # replica may be off: the certificate starts an hour early.
 BACKDATE = dt.timedelta(hours=1)
@@ -144,9 +160,10 @@ def jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str | None:
 
 @dataclass(frozen=True)
 class SigningKey:
-    """One EC P-256 key and its self-signed certificate."""
+    """One EC P-256 key and its self-signed certificate (equal when the certificates are:
+    a certificate names its key, and key objects compare by identity)."""
 
-    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    key: ec.EllipticCurvePrivateKey = field(repr=False, compare=False)
     cert: x509.Certificate
 
     @classmethod
@@ -258,17 +275,20 @@ class Keyring:
     retired: tuple[x509.Certificate, ...] = ()
     served_bundle: str = ""  # bundle_digest() a registry generation has started with
     refresh_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    next_since: dt.datetime | None = None  # when ``next`` was made (and published)
 
     @classmethod
-    def create(cls, now: dt.datetime) -> Keyring:
-        return cls(current=SigningKey.generate(now))
+    def create(cls, now: dt.datetime, lifetime: dt.timedelta = CERT_LIFETIME) -> Keyring:
+        return cls(current=SigningKey.generate(now, lifetime))
 
     def bundle_certs(self, now: dt.datetime) -> list[x509.Certificate]:
+        """Oldest first: the switch to the next key leaves the bundle as it is, so it
+        starts no registry generation."""
         certs = [self.current.cert]
         if self.next is not None:
             certs.append(self.next.cert)
         certs += [c for c in self.retired if c.not_valid_after_utc > now]
-        return certs
+        return sorted(certs, key=lambda c: (c.not_valid_before_utc, c.serial_number))
 
     def bundle_pem(self, now: dt.datetime) -> bytes:
         """What ``auth.token.rootcertbundle`` must hold now."""
@@ -281,29 +301,56 @@ class Keyring:
         """Record that a registry generation runs with the bundle of ``digest``."""
         return replace(self, served_bundle=digest)
 
+    def published_at(self) -> dt.datetime | None:
+        """When the next key was made; for a keyring written before that was recorded,
+        from its certificate (backdated by :data:`BACKDATE`)."""
+        if self.next is None:
+            return None
+        return self.next_since or self.next.cert.not_valid_before_utc + BACKDATE
+
     def advance(
         self,
         now: dt.datetime,
-        generate: Callable[[dt.datetime], SigningKey] = SigningKey.generate,
+        generate: Callable[[dt.datetime], SigningKey] | None = None,
+        *,
+        times: KeyringTimes | None = None,
+        served: str | None = None,
     ) -> Keyring:
         """The keyring as it should be at ``now`` (itself when nothing is due).
 
-        When the result's bundle differs from the one served, the caller writes it and
-        starts a registry generation with it, then calls :meth:`mark_served`.
+        ``times``: the lifetimes (one instance: :meth:`KeyringTimes.single`, no grace).
+        ``served``: the bundle digest this agent's registry runs with; None: the one
+        recorded in the keyring (:meth:`mark_served`, one instance). When the result's
+        bundle differs from the one served, the caller writes it and starts a registry
+        generation with it.
         """
+        times = times or KeyringTimes().single()
+        if generate is None:
+            lifetime = times.lifetime
+
+            def generate(at: dt.datetime) -> SigningKey:
+                return SigningKey.generate(at, lifetime)
+
+        served_digest = self.served_bundle if served is None else served
         ring = self
         if ring.current.not_after <= now:
             # Expired: nothing it signs is accepted, so waiting for a bundle buys nothing.
             fresh = ring.next if ring.next is not None and ring.next.not_after > now else None
-            ring = replace(ring, current=fresh or generate(now), next=None)
-        elif ring.next is None and now >= ring.current.not_after - NEXT_KEY_LEAD:
-            ring = replace(ring, next=generate(now))
-        elif ring.next is not None and ring.served_bundle == ring.bundle_digest(now):
-            # The registry trusts the next certificate: switch, keep the old one trusted.
+            ring = replace(ring, current=fresh or generate(now), next=None, next_since=None)
+        elif ring.next is None and next_key_due(now, ring.current.not_after, times):
+            ring = replace(ring, next=generate(now), next_since=now)
+        elif ring.next is not None and switch_due(
+            now,
+            next_since=ring.published_at() or now,
+            served_here=served_digest == ring.bundle_digest(now),
+            grace=times.grace,
+        ):
+            # Every registry trusts the next certificate: switch, keep the old one trusted.
             ring = replace(
                 ring,
                 current=ring.next,
                 next=None,
+                next_since=None,
                 retired=(*ring.retired, ring.current.cert),
             )
         kept = tuple(c for c in ring.retired if c.not_valid_after_utc > now)
@@ -317,6 +364,7 @@ class Keyring:
             "retired": [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.retired],
             "served_bundle": self.served_bundle,
             "refresh_secret": b64url(self.refresh_secret),
+            "next_since": self.next_since.isoformat() if self.next_since else None,
         }
         return json.dumps(obj, indent=1).encode()
 
@@ -334,6 +382,7 @@ class Keyring:
                 ),
                 served_bundle=str(obj.get("served_bundle", "")),
                 refresh_secret=b64url_decode(str(obj["refresh_secret"])),
+                next_since=_instant(obj.get("next_since")),
             )
         except TokenError:
             raise
@@ -342,8 +391,19 @@ class Keyring:
             raise TokenError(f"the keyring is unreadable ({type(exc).__name__})") from None
 
 
+def _instant(value: Any) -> dt.datetime | None:
+    if value is None:
+        return None
+    instant = dt.datetime.fromisoformat(str(value))
+    return instant if instant.tzinfo is not None else instant.replace(tzinfo=dt.UTC)
+
+
 class SecretBlob(Protocol):
-    """Where the keyring lives: bytes in, bytes out, private (0600 or equivalent)."""
+    """Where the keyring lives: bytes in, bytes out, private (0600 or equivalent).
+
+    ``store`` may be conditional on what ``load`` read last (:class:`StorageBlob`) and then
+    raises :class:`~.storage.StorageConflict` when someone else wrote in between.
+    """
 
     def load(self) -> bytes | None: ...
 
@@ -377,14 +437,83 @@ class FileBlob:
             raise
 
 
-def load_keyring(blob: SecretBlob, now: dt.datetime) -> Keyring:
-    """The stored keyring advanced to ``now``; created (and stored) on first use."""
-    data = blob.load()
-    ring = Keyring.create(now) if data is None else Keyring.from_bytes(data)
-    advanced = ring.advance(now)
-    if data is None or advanced != ring:
-        blob.store(advanced.to_bytes())
-    return advanced
+class StorageBlob:
+    """A :class:`SecretBlob` under one key of a :class:`~.storage.Storage` (the shared
+    store; its encrypting wrapper seals :data:`statekeys.TOKEN_KEYRING`).
+
+    ``store`` is conditional on the version ``load`` (or the last ``store``) saw: only if
+    absent, or only if still at that version; :class:`~.storage.StorageConflict` otherwise.
+    Two replicas creating or advancing the keyring at once thus end with one keyring.
+    """
+
+    def __init__(self, storage: Storage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.version: str | None = None  # None: absent when last looked at
+        self._seen = False
+
+    def load(self) -> bytes | None:
+        found = self.storage.load(self.key)
+        self.version = found.version if found is not None else None
+        self._seen = True
+        return found.data if found is not None else None
+
+    def load_if_changed(self) -> tuple[bool, bytes | None]:
+        """For polling: ``(False, None)`` while the stored keyring is still the one last
+        read or written (a conditional GET), else ``(True, its bytes or None)``."""
+        if not self._seen:
+            return True, self.load()
+        changed, found = self.storage.load_if_changed(self.key, self.version)
+        if changed:
+            self.version = found.version if found is not None else None
+        return changed, (found.data if found is not None else None)
+
+    def store(self, data: bytes) -> None:
+        if self.version is None:
+            self.version = self.storage.store(self.key, data, if_absent=True)
+        else:
+            self.version = self.storage.store(self.key, data, if_version=self.version)
+        self._seen = True
+
+
+UPDATE_ATTEMPTS = 10
+
+
+def update_keyring(blob: SecretBlob, change: Callable[[Keyring | None], Keyring]) -> Keyring:
+    """Read the keyring, apply ``change`` (given None when there is none yet), write the
+    result unless ``change`` returned what it was given; on a conflict (another replica
+    wrote in between) read again and apply ``change`` to that. The keyring now stored."""
+    for _ in range(UPDATE_ATTEMPTS):
+        data = blob.load()
+        ring = None if data is None else Keyring.from_bytes(data)
+        changed = change(ring)
+        if changed is ring:
+            return changed
+        try:
+            blob.store(changed.to_bytes())
+        except StorageConflict:
+            continue
+        return changed
+    raise TokenError(f"the keyring changed {UPDATE_ATTEMPTS} times while being updated")
+
+
+def load_keyring(
+    blob: SecretBlob,
+    now: dt.datetime,
+    times: KeyringTimes | None = None,
+    served: str | None = None,
+    seed: Keyring | None = None,
+) -> Keyring:
+    """The stored keyring advanced to ``now``; on first use ``seed`` or a new one, stored.
+    With a conditional ``blob``, replicas starting at once all end with the one that was
+    stored first."""
+    times = times or KeyringTimes().single()
+
+    def change(ring: Keyring | None) -> Keyring:
+        base = ring or seed or Keyring.create(now, times.lifetime)
+        return base.advance(now, times=times, served=served)
+
+    return update_keyring(blob, change)
 
 
 # -- refresh tokens ----------------------------------------------------------------------

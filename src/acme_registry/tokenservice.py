@@ -121,7 +121,9 @@ class TokenService:
     ``grants(name)`` what a user (None: anonymous) may do, e.g.
     :func:`~acme_registry.policy.effective_grants` over the policy file and run-time grants;
     ``keyring()`` the current signing keyring; ``key_reference`` how tokens name their key
-    (``kid`` only for a registry that maps keys by it: 3.x).
+    (``kid`` only for a registry that maps keys by it: 3.x); ``refresh_binding(name)``
+    what a refresh token binds the user to (a changed value invalidates it), by default
+    ``password_hash``.
     """
 
     service: str
@@ -135,6 +137,7 @@ class TokenService:
     hooks: Hooks = field(default_factory=Hooks)
     clock: Callable[[], float] = time.time
     key_reference: KeyReference = KeyReference.X5C
+    refresh_binding: Callable[[str], str | None] | None = None
 
     async def handle(self, request: Request, client: str) -> Response:
         if request.path != "/token":
@@ -228,7 +231,7 @@ class TokenService:
         keyring = self.keyring()
         try:
             return RefreshTokens(keyring.refresh_secret).verify(
-                token, self.service, self._now(), self.password_hash
+                token, self.service, self._now(), self.refresh_binding or self.password_hash
             )
         except TokenError as exc:
             log.info("token: refresh token refused: %s", exc)
@@ -264,8 +267,10 @@ class TokenService:
         if oauth:
             body["scope"] = " ".join(a.scope() for a in access)
         if offline and user is not None and hashed is not None:
-            refresh = RefreshTokens(keyring.refresh_secret)
-            body["refresh_token"] = refresh.issue(user, hashed, self.service, now)
+            binding = self.refresh_binding(user) if self.refresh_binding else hashed
+            if binding is not None:
+                refresh = RefreshTokens(keyring.refresh_secret)
+                body["refresh_token"] = refresh.issue(user, binding, self.service, now)
         self.hooks.issued()
         return _json(200, body)
 

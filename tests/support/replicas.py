@@ -3,7 +3,9 @@
 Each replica is a host-level :class:`~tests.support.agent.AgentProcess` with its own
 DATA_DIR, CERT_DIR and ports; the images and the state live in one SeaweedFS bucket
 (``REGISTRY_STORAGE=s3`` and ``STATE_STORE=s3``, the state under ``acme-registry/``).
-haproxy publishes the replicas' port 80 (Pebble's ``httpPort`` points at it) and 443.
+haproxy publishes the replicas' port 80 (Pebble's ``httpPort`` points at it) and 443; with
+``token=True`` (``AUTH_MODE=token``) also each replica's token service, at the port the
+replicas' ``TOKEN_REALM`` names.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tests.support.pebble import Pebble
 from tests.support.ports import free_ports
 from tests.support.seaweed import SeaweedS3
 
-HTTP, HTTPS = "http", "https"
+HTTP, HTTPS, TOKEN = "http", "https", "token"
 _UNANSWERED = "closed before answering"
 _COMMITTED = re.compile(r"committed .* to the shared store")
 
@@ -49,9 +51,13 @@ class Cluster:
         key_file: Path,
         http_port: int,
         count: int = 3,
+        token: bool = False,
         **extra: str,
     ) -> None:
         self.workdir = workdir
+        self.token = token
+        # haproxy's token port, chosen first: every replica's TOKEN_REALM names it.
+        self.token_front = free_ports(1, exclude=(http_port,))[0] if token else None
         self.seaweed = seaweed
         self.bucket = bucket
         self.pebble = pebble
@@ -62,18 +68,25 @@ class Cluster:
         # While every replica is out of port 80, the CA's requests reach this one, which
         # accepts and never answers: an order then stays in validation, deterministically.
         self.silent = SilentServer()
-        self.proxy = HAProxy(
-            workdir / "haproxy",
-            {
-                HTTP: [int(r.env["ACME_HTTP_PORT"]) for r in self.replicas],
-                HTTPS: [r.registry_port for r in self.replicas],
-            },
-            backups={HTTP: self.silent.port},
-        )
+        fronts = {
+            HTTP: [int(r.env["ACME_HTTP_PORT"]) for r in self.replicas],
+            HTTPS: [r.registry_port for r in self.replicas],
+        }
+        if token:
+            fronts[TOKEN] = [self.token_port(r) for r in self.replicas]
+        self.proxy = HAProxy(workdir / "haproxy", fronts, backups={HTTP: self.silent.port})
         self.http_port = http_port
 
     def _replica(self, index: int, **more: str) -> AgentProcess:
         (http_port,) = free_ports(1)
+        if self.token_front is not None:
+            (token_port,) = free_ports(1, exclude=(http_port, self.token_front))
+            more = {
+                "AUTH_MODE": "token",
+                "TOKEN_ADDR": f"127.0.0.1:{token_port}",
+                "TOKEN_REALM": f"https://{NAME}:{self.token_front}/token",
+                **more,
+            }
         env = AgentProcess.environment(
             self.workdir / f"r{index}",
             domains=NAME,
@@ -109,7 +122,10 @@ class Cluster:
     def start(self, *, port_80_silent: bool = False) -> Cluster:
         """Start haproxy and the replicas; ``port_80_silent``: with every replica out of
         port 80 (the CA's validations hang until :meth:`enable_port_80`)."""
-        self.proxy.start({HTTP: self.http_port})
+        fixed = {HTTP: self.http_port}
+        if self.token_front is not None:
+            fixed[TOKEN] = self.token_front
+        self.proxy.start(fixed)
         if port_80_silent:
             for index in range(1, len(self.replicas) + 1):
                 self.proxy.disable(HTTP, index)
@@ -142,6 +158,11 @@ class Cluster:
         replica.proc.wait(timeout=10)
 
     # -- what the tests look at --------------------------------------------------------
+
+    @staticmethod
+    def token_port(replica: AgentProcess) -> int:
+        """The replica's own token service (TOKEN_ADDR), not haproxy's."""
+        return int(replica.env["TOKEN_ADDR"].rsplit(":", 1)[1])
 
     @property
     def https_port(self) -> int:

@@ -19,6 +19,7 @@ from acme_registry.auth import (
     UserStore,
     load_env_users,
 )
+from acme_registry.storage import FileStorage, StoreUnavailable, Versioned
 from tests.support.users import auth_dir, user_store
 
 COST = 4  # the lowest bcrypt cost: these tests hash a lot
@@ -486,3 +487,29 @@ def test_password_hash_for_the_token_service(tmp_path):
     assert changed is not None and bcrypt.checkpw(b"changed", changed.encode())
     s.remove("bob")
     assert s.password_hash("bob") is None
+
+
+class _FlakyStorage(FileStorage):
+    """A FileStorage whose reads fail while ``down`` (a shared store out of reach)."""
+
+    down = False
+
+    def load(self, key: str) -> Versioned | None:
+        if self.down:
+            raise StoreUnavailable("the store is down")
+        return super().load(key)
+
+
+def test_logins_read_the_last_users_while_the_store_is_down(tmp_path: Path) -> None:
+    storage = _FlakyStorage(tmp_path)
+    store = UserStore(storage, tmp_path / "auth" / "htpasswd", cost=4)
+    store.add("alice", "alice-password")
+    store.set_grants("alice", {"pull": ["team/*"]})
+    hashed = store.password_hash("alice")
+    storage.down = True
+    # Token mode's reads at every login: the state last read, not an error.
+    assert store.password_hash("alice") == hashed
+    assert set(store.runtime_grants()) == {"alice"}
+    fresh = UserStore(storage, tmp_path / "auth" / "htpasswd", cost=4)
+    with pytest.raises(StoreUnavailable):
+        fresh.password_hash("alice")  # nothing read yet: nothing to fall back on

@@ -13,6 +13,7 @@ from acme_registry.tokenconfig import (
     registry_token_config,
     reject_unknown_token_variables,
 )
+from acme_registry.tokenrollover import KeyringTimes
 
 DOMAINS = ("registry.example.com", "other.example.com")
 
@@ -75,6 +76,8 @@ def test_ipv6_name_in_brackets_and_explicit_realm() -> None:
         ({"AUTH_ANONYMOUS_PULL": "Public/*"}, "AUTH_ANONYMOUS_PULL"),
         ({"AUTH_ANONYMOUS_PULL": ","}, "AUTH_ANONYMOUS_PULL"),
         ({"TOKEN_TLL": "5m"}, "TOKEN_TLL"),
+        ({"ACME_REGISTRY_TOKEN_KEYRING_TIMES": "90,60"}, "ACME_REGISTRY_TOKEN_KEYRING_TIMES"),
+        ({"ACME_REGISTRY_TOKEN_KEYRING_TIMES": "60,90,1"}, "ACME_REGISTRY_TOKEN_KEYRING_TIMES"),
     ],
 )
 def test_errors_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -114,3 +117,10 @@ def test_registry_section() -> None:
         },
         "storage": {"delete": {"enabled": True}},
     }
+
+
+def test_keyring_times_are_shortened_only_by_the_internal_variable() -> None:
+    assert load_token_settings({}, DOMAINS).keyring_times == KeyringTimes()
+    short = load_token_settings({"ACME_REGISTRY_TOKEN_KEYRING_TIMES": "90,60,15"}, DOMAINS)
+    assert short.keyring_times.lifetime.total_seconds() == 90
+    assert short.keyring_times.grace.total_seconds() == 15

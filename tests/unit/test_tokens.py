@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from acme_registry import tokens
+from acme_registry.storage import FileStorage, StorageConflict
+from acme_registry.tokenrollover import KeyringTimes
 from acme_registry.tokens import (
     CERT_LIFETIME,
     NEXT_KEY_LEAD,
@@ -24,12 +26,14 @@ from acme_registry.tokens import (
     Keyring,
     RefreshTokens,
     SigningKey,
+    StorageBlob,
     TokenError,
     access_claims,
     b64url_decode,
     jwk_thumbprint,
     key_reference_for,
     load_keyring,
+    update_keyring,
 )
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -174,10 +178,13 @@ def test_rollover_keeps_every_token_verifiable() -> None:
     later = lead + dt.timedelta(days=5)
     assert ring.advance(later).current is first
 
-    ring = ring.mark_served(ring.bundle_digest(later)).advance(later)
+    served = ring.bundle_digest(later)
+    ring = ring.mark_served(served).advance(later)
     assert ring.current is second and ring.next is None
     # The old certificate stays trusted until it expires: tokens it signed keep working.
-    assert ring.bundle_certs(later) == [second.cert, first.cert]
+    # The bundle is the same as before the switch: no registry generation to start.
+    assert ring.bundle_certs(later) == [first.cert, second.cert]
+    assert ring.bundle_digest(later) == served
     after_expiry = first.not_after + dt.timedelta(seconds=1)
     ring = ring.advance(after_expiry)
     assert ring.retired == ()
@@ -278,3 +285,67 @@ def test_forged_claims_fail_the_mac() -> None:
     forged = tokens.b64url(json.dumps(claims).encode()) + "." + mac
     with pytest.raises(TokenError, match="invalid"):
         refresh.verify(forged, "s", NOW, {"admin": HASH}.get)
+
+
+# -- the keyring in a shared store ------------------------------------------------------
+
+
+def test_two_replicas_creating_at_once_end_with_one_keyring(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)  # conditional writes, as the shared store's
+    first, second = (
+        StorageBlob(storage, "token/keyring.json"),
+        StorageBlob(storage, "token/keyring.json"),
+    )
+    assert first.load() is None and second.load() is None  # both see none
+    first.store(Keyring.create(NOW).to_bytes())
+    with pytest.raises(StorageConflict):
+        second.store(Keyring.create(NOW).to_bytes())  # only if absent: refused
+    # load_keyring re-reads after the conflict and takes the winner's.
+    fresh = StorageBlob(storage, "token/keyring.json")
+    fresh.load()
+    winner = Keyring.from_bytes(storage.load_bytes("token/keyring.json") or b"")
+    assert load_keyring(second, NOW).current.cert == winner.current.cert
+    assert load_keyring(fresh, NOW).refresh_secret == winner.refresh_secret
+
+
+def test_update_is_redone_on_what_another_replica_wrote(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path)
+    blob = StorageBlob(storage, "token/keyring.json")
+    ring = load_keyring(blob, NOW)
+    other = StorageBlob(storage, "token/keyring.json")
+    lead = ring.current.not_after - NEXT_KEY_LEAD
+    seen: list[Keyring | None] = []
+
+    def advance(stored: Keyring | None) -> Keyring:
+        seen.append(stored)
+        if len(seen) == 1:
+            # Another replica publishes its next key between our read and our write.
+            update_keyring(other, lambda r: (r or ring).advance(lead))
+        assert stored is not None
+        return stored.advance(lead)
+
+    result = update_keyring(blob, advance)
+    # The first attempt's write was refused; the second read the other's next key and
+    # had nothing left to do: one next key, the other replica's.
+    assert len(seen) == 2 and seen[1] is not None and seen[1].next is not None
+    assert result.next is not None and result.next.cert == seen[1].next.cert
+    stored = Keyring.from_bytes(storage.load_bytes("token/keyring.json") or b"")
+    assert stored.next is not None and stored.next.cert == result.next.cert
+
+
+def test_shared_switch_waits_for_the_grace(tmp_path: Path) -> None:
+    times = KeyringTimes(grace=dt.timedelta(days=7))
+    ring = Keyring.create(NOW, times.lifetime)
+    lead = ring.current.not_after - times.lead
+    ring = ring.advance(lead, times=times, served="")
+    assert ring.next is not None and ring.next_since == lead
+    assert Keyring.from_bytes(ring.to_bytes()).next_since == lead
+    here = ring.bundle_digest(lead)
+    # This replica's registry trusts the next key, others may not have followed yet.
+    assert ring.advance(lead + dt.timedelta(days=6), times=times, served=here) is ring
+    # A replica whose registry does not trust it never switches.
+    after = lead + dt.timedelta(days=7)
+    assert ring.advance(after, times=times, served="").current == ring.current
+    switched = ring.advance(after, times=times, served=here)
+    assert switched.current == ring.next and switched.next is None
+    assert switched.bundle_digest(after) == here
