@@ -57,7 +57,7 @@ def test_issues_serves_and_round_trips_an_image(
         assert key.stat().st_mode & 0o777 == 0o600
         assert pebble.orders_created() == 1
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -105,7 +105,7 @@ def test_restart_serves_the_same_certificate_without_a_new_order(
     try:
         first = served(agent, pebble)
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     orders = pebble.orders_created()
 
     agent.start()
@@ -113,7 +113,7 @@ def test_restart_serves_the_same_certificate_without_a_new_order(
         again = served(agent, pebble)
         agent.wait_ready()
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert fingerprint(again) == fingerprint(first)
     assert pebble.orders_created() == orders == 1
 

@@ -137,7 +137,7 @@ def test_dns01_rfc2136_name_and_wildcard_served_and_records_removed(
         assert pebble.orders_created() == 2
         assert bind.txt(RECORD) == {"an unrelated value the operator keeps"}
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
     assert bind.zone.key.secret not in agent.log()
 
@@ -266,7 +266,7 @@ def test_dns_persist01_precondition_then_issuance_with_no_dns_credentials(
         assert pebble.orders_created() == 1
         assert wait_for_status(agent, lambda a: a["dns_persist_problem"] is None)
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
     assert "no port-80 listener (ACME_HTTP_PORT=off)" in agent.log()
 
@@ -295,7 +295,7 @@ def test_dns01_through_an_exec_hook_calling_nsupdate(tmp_path, pebble, bind, reg
         ), hook_log
         assert bind.txt(RECORD) == set()
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
 
 
 def test_dns_persist01_certificate_follows_the_record_by_itself_then_renews(
@@ -333,7 +333,7 @@ def test_dns_persist01_certificate_follows_the_record_by_itself_then_renews(
         assert pebble.orders_created() == 2
         assert json.loads(agent.cli("status", "--json").stdout)["backoff"]["failures"] == 0
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 

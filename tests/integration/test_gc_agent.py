@@ -233,7 +233,7 @@ def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_th
         assert agent.cli("user", "remove", "acme-registry-gc").returncode != 0
     finally:
         held.release()
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -311,7 +311,7 @@ def test_retention_in_token_mode_deletes_with_its_own_tokens_and_lets_no_one_els
         assert metric(agent, 'acme_registry_gc_runs_total{result="success"}') == 1.0
         assert metric(agent, "acme_registry_readonly") == 0.0
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     log = agent.log()
     assert "Traceback" not in log
     # No token in the log: a JWT's header always starts with these base64url bytes ('{"').
@@ -373,7 +373,7 @@ def test_a_multiarch_index_with_untagged_children_survives_retention_and_collect
         state = json.loads(agent.cli("status", "--json").stdout)["gc"]["last_run"]
         assert state["result"] == "success" and state["freed_bytes"] > 9000 + 3 * 8 * 1024
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -412,7 +412,7 @@ def test_kill_9_of_the_agent_during_a_collection_next_start_serves_read_write(
         assert metric(again, "acme_registry_readonly") == 0.0
     finally:
         held.release()
-        assert again.stop() == 0
+        again.stop_cleanly()
 
 
 @pytest.mark.parametrize("auth_mode", ["htpasswd", "token"])
@@ -430,7 +430,7 @@ def test_a_short_schedule_fires_by_itself(
         skopeo = Skopeo(tmp_path / "skopeo", pebble.root_pem(), [NAME], creds=CREDS)
         push_history(first, skopeo, tmp_path / "layout", "app", ["old", "new"])
     finally:
-        assert first.stop() == 0
+        first.stop_cleanly()
     env = {**first.env, "RETENTION_KEEP_LAST": "1", "GC_SCHEDULE": "every 10s"}
     agent = AgentProcess(first.workdir, env).start()
     try:
@@ -452,7 +452,7 @@ def test_a_short_schedule_fires_by_itself(
         assert str(state["next_run"]) > str(last["started"])
         assert skopeo.list_tags(f"{NAME}:{agent.registry_port}/app") == ["new"]
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -518,7 +518,7 @@ def test_a_renew_during_a_scheduled_collection_is_answered_and_stays_read_only(
         assert "during" in skopeo.list_tags(repo)
     finally:
         held.release()
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -549,7 +549,7 @@ def test_a_collection_past_gc_timeout_is_stopped_and_the_registry_serves_read_wr
         skopeo.push(layout, "after", f"{NAME}:{agent.registry_port}/ci/app:after")
     finally:
         held.release()
-        assert agent.stop() == 0
+        agent.stop_cleanly()
 
 
 def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
@@ -591,7 +591,7 @@ def test_a_hung_registry_during_retentions_deletes_ends_the_run_at_gc_timeout(
         assert again.returncode == 0, again.stderr
         assert sorted(skopeo.list_tags(repo)) == ["after", "t4"]
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -625,7 +625,7 @@ def test_with_a_redis_cache_configured_retention_runs_and_collection_is_refused(
         assert "REGISTRY_REDIS_ADDR" in state["last_run"]["error"]
         assert metric(agent, 'acme_registry_gc_runs_total{result="refused"}') == 1.0
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 
@@ -642,7 +642,7 @@ def test_stopping_the_agent_during_a_collection_kills_garbage_collect(
         push_history(agent, skopeo, tmp_path / "layout", "ci/app", ["t1"])  # not empty
         run = gc_in_background(agent)
         pid = held.wait_started()
-        assert agent.stop() == 0
+        agent.stop_cleanly()
         assert run.wait(timeout=30) != 0
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process_alive(pid):

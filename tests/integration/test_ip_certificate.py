@@ -35,7 +35,7 @@ def test_ip_address_certificate_served_and_verified_by_connecting_to_the_ip(
         assert lifetime.total_seconds() < 3600, "not the shortlived profile"
         agent.wait_ready(timeout=60)  # the agent's own probe reaches the registry by IP too
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "Traceback" not in agent.log()
 
 

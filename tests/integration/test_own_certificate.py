@@ -80,4 +80,4 @@ def test_certbot_tree_is_served_and_followed(tmp_path, registry_binary):
         assert agent.cli("health", "--ready").returncode == 0
         assert agent.cli("renew").returncode == 1
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()

@@ -42,7 +42,7 @@ def test_renew_rotates_the_registry_to_the_new_certificate(
         assert status(agent)["certificate"]["serial"] == f"{second.serial_number:x}"
         assert pebble.orders_created() == 2
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     assert "registry generation registry:registry-1 replaced registry:registry-0" in agent.log()
 
 
@@ -63,7 +63,7 @@ def test_two_concurrent_renewals_both_get_their_answer(tmp_path, pebble_factory,
         serial = status(agent)["certificate"]["serial"]
         assert any(f"serial {serial}," in result.stdout for result in results)
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
 
 
 def test_failures_back_off_and_the_backoff_survives_restarts(

@@ -60,7 +60,7 @@ def test_short_lived_certificates_renew_on_their_own_with_replaces(
             time.sleep(0.2)
         agent.wait_ready()
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     log = agent.log()
     sent = re.findall(r"renewal order replaces (\S+)", log)
     refused = re.findall(r"the CA refused to mark (\S+) as replaced", log)
@@ -102,7 +102,7 @@ def test_a_changed_ari_window_is_honoured_at_the_next_check(tmp_path, pebble_210
         agent.wait_ready()
         assert status(agent)["certificate"]["serial"] == f"{second.serial_number:x}"
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     log = agent.log()
     assert "https://ca.test/why-renew-now" in log
     first_id = ari_cert_id(first.public_bytes(Encoding.PEM))

@@ -245,7 +245,7 @@ def test_store_down_cache_served_new_replica_unready_stateless_then_back(
         assert cluster.served(cluster.replicas[2]).serial_number == serial
         # A replica restarted with its cache serves it, the store still down.
         restarted = cluster.replicas[2]
-        assert restarted.stop() == 0
+        restarted.stop_cleanly()
         restarted.start()
         restarted.wait_ready(timeout=60)
         assert cluster.served(restarted).serial_number == serial

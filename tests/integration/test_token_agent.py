@@ -163,7 +163,7 @@ def test_token_mode_through_the_agent(tmp_path, pebble_factory, registry_binary,
         assert status.returncode == 0, status.stderr
         shown = status.stdout + status.stderr
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()
     log = agent.log()
     keyring = agent.data_dir / "token" / "keyring.json"
     ring = json.loads(keyring.read_text())
@@ -252,4 +252,4 @@ def test_throttled_per_user_and_address_through_the_agent(
         assert token_get(pebble, token_port, "ci", PASSWORDS["ci"], "127.0.0.2")[0] == 200
         assert metric(agent, "acme_registry_auth_failures_total", reason="throttled") > 0
     finally:
-        assert agent.stop() == 0
+        agent.stop_cleanly()

@@ -142,6 +142,11 @@ class AgentProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
+    def stop_cleanly(self, timeout: float = 30) -> None:
+        """:meth:`stop`, asserting exit status 0 with the log's end in the failure."""
+        status = self.stop(timeout)
+        assert status == 0, f"exit status {status}; the log ends:\n{self.log()[-6000:]}"
+
     def __enter__(self) -> AgentProcess:
         return self.start()
 
