@@ -225,8 +225,17 @@ def _run_supervisord(conf: Path, agent: Agent) -> int:
     from supervisor.states import SupervisorStates
 
     gave_up: list[str] = []
+    running: list[supervisord.Supervisor] = []
+
+    def shutting_down() -> bool:
+        # A SIGTERM (docker stop) already ends the run: what fails while programs are being
+        # stopped is no reason to exit non-zero.
+        return bool(running) and running[-1].options.mood < SupervisorStates.RUNNING
 
     def give_up(what: str) -> None:
+        if shutting_down():
+            log.info("%s stopped while shutting down", what)
+            return
         gave_up.append(what)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -237,11 +246,15 @@ def _run_supervisord(conf: Path, agent: Agent) -> int:
         try:
             agent.maintain_forever()
         except Exception:
+            if shutting_down():
+                log.info("the agent's loop ended while shutting down", exc_info=True)
+                return
             log.exception("the agent failed")
             give_up("the agent")
 
     class Supervisord(supervisord.Supervisor):
         def runforever(self) -> None:
+            running.append(self)
             # run() clears every event subscription just before this; subscribe here.
             events.subscribe(events.ProcessStateFatalEvent, on_fatal)
             if not any(t.name == "agent" for t in threading.enumerate()):
