@@ -203,14 +203,20 @@ def build_registry_base() -> str:
 
     Debian's binary is linked against glibc: fine on the Debian base used here. Each build
     gets its own (a label makes the image ID unique), because the product build deletes it.
+    ``ACME_REGISTRY_TEST_REGISTRY_BINARY`` puts another binary in (a 3.x built by hand), as
+    it does for the integration tests.
     """
-    if not DEBIAN_REGISTRY_BINARY.is_file():
-        raise RuntimeError(f"{DEBIAN_REGISTRY_BINARY} is missing: apt-get install docker-registry")
+    binary = Path(os.environ.get("ACME_REGISTRY_TEST_REGISTRY_BINARY", DEBIAN_REGISTRY_BINARY))
+    if not binary.is_file():
+        raise RuntimeError(
+            f"{binary} is missing: apt-get install docker-registry "
+            "(or set ACME_REGISTRY_TEST_REGISTRY_BINARY)"
+        )
     build_id = uuid.uuid4().hex[:12]
-    tag = f"{REGISTRY_BASE}:2.8-{build_id}"
+    tag = f"{REGISTRY_BASE}:{'2.8' if binary == DEBIAN_REGISTRY_BINARY else 'custom'}-{build_id}"
     with tempfile.TemporaryDirectory(prefix="acme-registry-regimage-") as tmp:
         context = Path(tmp)
-        shutil.copy2(DEBIAN_REGISTRY_BINARY, context / "registry")
+        shutil.copy2(binary, context / "registry")
         (context / "Containerfile").write_text(
             f"FROM scratch\nLABEL acme-registry-test.build={build_id}\n"
             "COPY registry /bin/registry\n"
