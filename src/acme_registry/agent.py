@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from . import sharedcert, statekeys
+from . import sharedcert, statechanges, statekeys
 from .admin import AdminServer, Metrics
 from .auth import UserStore, registry_auth_config
 from .auth import control_handlers as user_handlers
@@ -60,6 +60,8 @@ class Agent:
         # What is this replica's alone (its responder's tokens, a copy of http.secret).
         self.local = FileStorage(settings.data_dir)
         self.shared = settings.state.shared
+        # A shared store: the one record polled every interval (statechanges).
+        self.changes = statechanges.ChangeWatch(self.storage) if self.shared else None
         self.challenges = PendingChallenges(self.local)
         self.remote_challenges = (
             SharedChallenges(
@@ -82,7 +84,10 @@ class Agent:
         )
         self.users = (
             UserStore(
-                self.storage, settings.data_dir / statekeys.HTPASSWD_FILE, settings.auth_users
+                self.storage,
+                settings.data_dir / statekeys.HTPASSWD_FILE,
+                settings.auth_users,
+                saved=self._users_saved if self.shared else None,
             )
             if settings.auth_mode in ("htpasswd", "token")
             else None
@@ -124,6 +129,8 @@ class Agent:
         self.store_error: str | None = None  # why the shared store could not be reached
         self._configured = False  # the registry's config rendered (it needs http.secret)
         self._users_ready = self.users is None
+        self._cert_serial = -1  # the change watch's serial when the loop last read the record
+        self._keyring_serial = -1  # the same, when token mode last read the keyring
         self._next_maintain = 0.0  # monotonic: when the source wants its next look
         self.admin = AdminServer(
             settings.admin_addr.host, settings.admin_addr.port, self.metrics, self._ready_check
@@ -166,9 +173,9 @@ class Agent:
                 # has one, stays unready if not, and finishes this once the store answers.
                 self._store_failed(error)
         self.gc.start(utcnow())
-        if self.shared and self.users is not None:
+        if self.shared:
             # Its own thread: the loop may wait minutes for an order, users must not.
-            threading.Thread(target=self._follow_users, name="users", daemon=True).start()
+            threading.Thread(target=self._follow_store, name="follow", daemon=True).start()
         if self.settings.http_port:  # 0: ACME_HTTP_PORT=off (a DNS challenge)
             self.responder.start()
         self.control.start()
@@ -329,9 +336,19 @@ class Agent:
         try:
             self._prepare_users()
             self._configure_registry()
-            # The users are followed by a thread of their own (_follow_users).
-            changed = self.mirror.sync() if self.mirror is not None else False
+            # The change record is polled by a thread of its own (_follow_store), which also
+            # follows the users; the certificate record is read when that record changed.
+            assert self.changes is not None
+            serial = self.changes.serial
+            changed = False
+            if self.mirror is not None and (
+                serial != self._cert_serial or self.store_error is not None
+            ):
+                changed = self.mirror.sync()
+            self._cert_serial = serial
             self._learn_thumbprint()
+            if self.changes.error is not None:
+                raise OSError(self.changes.error)
         except OSError as error:
             self._store_failed(error)
             return False
@@ -358,18 +375,30 @@ class Agent:
         log.info("published the cached %s as the shared certificate", pair.describe())
         return True
 
-    def _follow_users(self) -> None:
-        """Rewrite the htpasswd file when another replica changed the users."""
-        assert self.users is not None
+    def _follow_store(self) -> None:
+        """Every poll interval one conditional GET, of the change record; when it changed,
+        the users are read here and the loop is woken to read the certificate record."""
+        assert self.changes is not None
+        users_serial = 0
         while not self._stopping.wait(self.settings.state.poll_interval):
-            if not self._users_ready:
-                continue  # the loop prepares them first, once the store answers
+            try:
+                serial = self.changes.look()
+            except OSError:
+                continue  # the loop notices the store is down (changes.error) and says so
+            if serial != self._cert_serial:
+                self._wake.set()
+            if self.users is None or not self._users_ready or serial == users_serial:
+                continue  # the loop prepares the users first, once the store answers
             try:
                 self.users.refresh()
+                users_serial = serial
             except OSError:
-                pass  # the loop notices the store is down and says so
+                pass  # the next look tries again
             except Exception:  # the thread must outlive a bad record
                 log.exception("reading the shared users failed")
+
+    def _users_saved(self) -> None:
+        statechanges.bump(self.storage)  # the other replicas read the users again
 
     def _store_failed(self, error: OSError) -> None:
         if self.store_error is None:
@@ -492,8 +521,13 @@ class Agent:
         due; a new bundle starts a registry generation here too (tokenrollover)."""
         if self.token is None:
             return
+        assert self.changes is not None
+        serial = self.changes.serial  # the keyring is read again only when it moved
         try:
-            self.token.maintain(utcnow(), self._rotate_for_token_keys)
+            self.token.maintain(
+                utcnow(), self._rotate_for_token_keys, look=serial != self._keyring_serial
+            )
+            self._keyring_serial = serial
         except OSError as error:
             # The store went away since the look above: the next step tries again, and
             # the keyring in memory keeps signing.

@@ -305,6 +305,7 @@ class UserStore:
         env_users: Mapping[str, Credential] | None = None,
         *,
         cost: int = DEFAULT_COST,
+        saved: Callable[[], None] | None = None,
     ) -> None:
         if not MIN_COST <= cost <= MAX_COST:
             raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
@@ -313,6 +314,8 @@ class UserStore:
         self.htpasswd_path = htpasswd_path
         self.env_users = dict(env_users or {})
         self.cost = cost
+        # Called after every write of the users (a shared store: the others then read them).
+        self._saved = saved
         # Hashes of the environment's plain passwords, made or verified once per process:
         # a new salt on every sync would rewrite the file (and reload the registry) each time.
         self._env_hashes: dict[str, str] = {}
@@ -559,6 +562,8 @@ class UserStore:
         if state.initial_admin:
             data["initial_admin"] = True
         self.storage.store_json(statekeys.USERS, data)
+        if self._saved is not None:
+            self._saved()
 
     def _initial_password(self) -> str | None:
         data = self.storage.load_bytes(statekeys.INITIAL_ADMIN_PASSWORD)

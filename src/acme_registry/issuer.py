@@ -44,7 +44,7 @@ from .dnsproviders import DnsError, DnsProvider, provider_for
 from .names import is_ip
 from .outcome import FailureReason, IssuanceResult, problem_code, reason_for_problem
 from .statestore import open_storage
-from .storage import FileStorage, LockTimeout, Storage, StorageConflict
+from .storage import FileStorage, Lock, LockTimeout, Storage, StorageConflict
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +681,9 @@ def run(
     With a shared store (several replicas): the issuance lock is held with a lease, renewed
     by the lock's own thread; under it the certificate record is read first, and when it is
     no longer at ``record_version`` (the version the agent saw; "" for none) another replica
-    has committed meanwhile: that certificate is taken, and no order is placed. A new
+    has committed meanwhile: that certificate is taken, and no order is placed. The record
+    is read every poll interval while the lock is awaited too (:func:`_lock_or_committed`),
+    so a certificate committed by a holder that keeps its lock is served at once. A new
     certificate is committed only if the record is still as read (:mod:`sharedcert`).
     """
     if dry_run:
@@ -719,11 +721,17 @@ def run(
 
     try:
         # The shared store's lock renews its lease from a thread of its own while held.
-        with storage.lock(
-            statekeys.ISSUANCE_LOCK,
-            lease=settings.state.lock_lease,
-            timeout=LOCK_WAIT if shared else None,
-        ) as lock:
+        if shared and not dry_run:
+            acquired = _lock_or_committed(settings, storage, record_version, agent_started)
+            if isinstance(acquired, CertificatePair):
+                return succeeded(acquired, adopted=True)
+        else:
+            acquired = storage.lock(
+                statekeys.ISSUANCE_LOCK,
+                lease=settings.state.lock_lease,
+                timeout=LOCK_WAIT if shared else None,
+            )
+        with acquired as lock:
             record: sharedcert.CertificateRecord | None = None
             if shared and not dry_run:
                 record = sharedcert.load(storage)
@@ -760,6 +768,37 @@ def run(
         log.exception("the order failed unexpectedly")
         return failed(f"unexpected error: {type(error).__name__}: {error}", FailureReason.OTHER)
     return succeeded(pair)
+
+
+def _lock_or_committed(
+    settings: Settings,
+    storage: Storage,
+    seen_version: str | None,
+    agent_started: float | None,
+) -> Lock | CertificatePair:
+    """The issuance lock, or the certificate another replica committed while we waited.
+
+    The wait (:data:`LOCK_WAIT` in all) is cut into poll intervals; between them the
+    certificate record is read: a holder that committed and still holds its lock (it
+    crashed before releasing it, or its release failed) must not leave this replica
+    serving the old certificate, nor ordering a second one once the lock is free.
+    """
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return storage.lock(
+                statekeys.ISSUANCE_LOCK,
+                lease=settings.state.lock_lease,
+                timeout=max(0.0, min(settings.state.poll_interval, remaining)),
+            )
+        except LockTimeout as error:
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"{error}, {LOCK_WAIT:g} s in all") from None
+        record = sharedcert.load(storage)
+        taken = _committed_meanwhile(settings, record, seen_version, agent_started)
+        if taken is not None:
+            return taken
 
 
 def _committed_meanwhile(

@@ -364,7 +364,11 @@ class S3Lock(Lock):
                 raise LockTimeout(
                     f"lock {self.name!r} is still held by {holder} after {timeout:g} s"
                 )
-            time.sleep(pause if deadline is None else min(pause, deadline - time.monotonic()))
+            # Never negative: the deadline may pass between the check above and this line
+            # (the issuer waits in slices of a poll interval, so this is no rare corner).
+            time.sleep(
+                pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
+            )
 
     def _try_acquire(self) -> str | None:
         """Take the lock if free, released or stale; else the current holder's id."""

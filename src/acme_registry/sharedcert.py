@@ -9,7 +9,8 @@ newer certificate. The key is in the record, so the record is a secret
 
 CERT_DIR becomes each replica's cache of the record: :class:`CertificateMirror` writes the
 record's pair there when the record's version changes, and the agent rotates its registry
-onto it as it does after its own renewals.
+onto it as it does after its own renewals. A commit marks the shared state changed
+(:mod:`statechanges`): replicas read the record when that mark changes, not every poll.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from . import statekeys
+from . import statechanges, statekeys
 from .certstore import CertificatePair, CertStore, parse_pair
 from .storage import Storage, Versioned
 
@@ -100,8 +101,11 @@ def commit(
     """
     data = encode(pair, directory, now)
     if read_version is None:
-        return storage.store(statekeys.CERTIFICATE, data, if_absent=True)
-    return storage.store(statekeys.CERTIFICATE, data, if_version=read_version)
+        version = storage.store(statekeys.CERTIFICATE, data, if_absent=True)
+    else:
+        version = storage.store(statekeys.CERTIFICATE, data, if_version=read_version)
+    statechanges.bump(storage)  # the other replicas look at the record again
+    return version
 
 
 class CertificateMirror:

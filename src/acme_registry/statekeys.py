@@ -23,6 +23,9 @@ CHALLENGES = "challenges"  # the prefix of pending HTTP-01 tokens
 CERTIFICATE = "certificate/current.json"  # chain + key + fingerprint, replaced as a whole
 ORDER_IN_FLIGHT = "orders/in-flight.json"  # an orderer is validating: look tokens up here
 ISSUED = "issued"  # the prefix of issuance records
+# Overwritten (a random body) by every writer of a record the replicas follow, after its
+# write: each replica polls only this one (statechanges).
+CHANGES = "state/changes"
 
 # Local files under DATA_DIR that are derived, never stored: each replica writes its own.
 HTPASSWD_FILE = "auth/htpasswd"  # the registry's htpasswd, written from USERS

@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import activation, statekeys, tokenconfig
+from . import activation, statechanges, statekeys, tokenconfig
 from .admin import Metrics
 from .auth import UserStore
 from .policy import EMPTY_POLICY, Grants, Policy, PolicyError, effective_grants, parse_policy
@@ -142,7 +142,10 @@ class TokenMode:
         self.times = settings.keyring_times if self.shared else settings.keyring_times.single()
         self.cache = FileBlob(data_dir / KEYRING_FILE)
         self.stored: StorageBlob | None = (
-            StorageBlob(shared, statekeys.TOKEN_KEYRING) if shared is not None else None
+            # Each write replaces the change record: the others read the keyring again.
+            StorageBlob(shared, statekeys.TOKEN_KEYRING, lambda: statechanges.bump(shared))
+            if shared is not None
+            else None
         )
         self.blob: SecretBlob = self.stored or self.cache
         # Shared store: the bundle digest this replica's registry runs with (each replica
@@ -344,14 +347,16 @@ class TokenMode:
             ", a next key published" if ring.next is not None else "",
         )
 
-    def maintain(self, now: dt.datetime, rotate: Callable[[], bool]) -> None:
+    def maintain(self, now: dt.datetime, rotate: Callable[[], bool], look: bool = True) -> None:
         """Advance the keyring; ``rotate`` starts a registry generation and says whether it
         did (False: none runs yet, and the first one will read the bundle written here).
 
-        Shared store: the stored keyring is followed first, and a change is written only
-        on the version read (re-read and redone on a conflict). OSError when the store
-        cannot be reached (the keyring in memory keeps signing)."""
-        self.follow()
+        Shared store: the stored keyring is followed first when ``look`` (the change record
+        moved), and a change is written only on the version read (re-read and redone on a
+        conflict). OSError when the store cannot be reached (the keyring in memory keeps
+        signing)."""
+        if look:
+            self.follow()
         served = self.served_here if self.stored is not None else None
         if self.keyring.advance(now, times=self.times, served=served) is not self.keyring:
             ring = update_keyring(

@@ -446,9 +446,13 @@ class StorageBlob:
     Two replicas creating or advancing the keyring at once thus end with one keyring.
     """
 
-    def __init__(self, storage: Storage, key: str) -> None:
+    def __init__(
+        self, storage: Storage, key: str, stored: Callable[[], None] | None = None
+    ) -> None:
         self.storage = storage
         self.key = key
+        # Called after each successful store: the other replicas' cue to read it again.
+        self.stored = stored
         self.version: str | None = None  # None: absent when last looked at
         self._seen = False
 
@@ -474,6 +478,8 @@ class StorageBlob:
         else:
             self.version = self.storage.store(self.key, data, if_version=self.version)
         self._seen = True
+        if self.stored is not None:
+            self.stored()
 
 
 UPDATE_ATTEMPTS = 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,8 @@ def test_three_replicas_at_once_place_one_order_and_behave_as_one(
     assert CREDS  # the environment's user logged in above
 
 
-def test_orderer_taken_out_of_haproxy_still_validates_and_all_follow(
-    make_cluster: ClusterFactory, pebble: Pebble
+def test_renewals_the_orderer_out_of_haproxy_and_a_waiting_orderer_follow(
+    make_cluster: ClusterFactory, pebble: Pebble, tmp_path: Path
 ) -> None:
     cluster = make_cluster()
     cluster.wait_ready()
@@ -163,6 +164,38 @@ def test_orderer_taken_out_of_haproxy_still_validates_and_all_follow(
     assert record is not None
     assert f"{record.pair.serial:x}" == status(cluster.replicas[0])["certificate"]["serial"]
     assert cluster.commits() == 2
+
+    # Another orderer (this test) holds the lock and keeps it after committing: replica 2,
+    # whose renewal waits for that lock, serves the committed certificate while the lock
+    # is still held, and places no order of its own.
+    waiter = cluster.replicas[1]
+    requested = waiter.log().count("renewing: requested")
+    with (
+        cluster.storage().lock(statekeys.ISSUANCE_LOCK, lease=5) as held,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        renewal = pool.submit(waiter.cli, "renew", timeout=150)
+        deadline = time.monotonic() + 30
+        while waiter.log().count("renewing: requested") == requested:
+            assert time.monotonic() < deadline, "replica 2 did not start its renewal"
+            time.sleep(0.1)
+        before = pebble.orders_created()
+        pair = cluster.order_and_commit(tmp_path / "orderer")
+        committed = time.monotonic()
+        answer = renewal.result(timeout=150)
+        followed = time.monotonic() - committed
+        served = fingerprint(cluster.served(waiter))
+        holder = cluster.lock_holder()
+        assert not held.lost.is_set()
+        assert holder is not None and holder["holder"] == held.holder
+        assert holder["state"] == "held"
+    print(f"waiting orderer: served the committed certificate {followed:.2f} s after the commit")
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert served == pair.fingerprint
+    assert pebble.orders_created() - before == 1  # this test's, none by replica 2
+    assert status(waiter)["certificate"]["serial"] == f"{pair.serial:x}"
+    cluster.wait_all_serve(pair.fingerprint, timeout=30)
+    assert cluster.commits() == 2  # this test's commit is in no replica's log
 
 
 def _renew(replica) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,8 @@ replicas' ``TOKEN_REALM`` names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -25,6 +27,7 @@ from typing import Any
 from cryptography import x509
 
 from acme_registry import sharedcert, statekeys
+from acme_registry.certstore import CertificatePair
 from acme_registry.storage import Storage
 from tests.support.agent import NAME, AgentProcess, fingerprint
 from tests.support.clients import tls_probe, wait_for_tls
@@ -254,6 +257,32 @@ class Cluster:
     def record(self) -> sharedcert.CertificateRecord | None:
         """The shared certificate record, read as a replica reads it."""
         return sharedcert.load(self.storage())
+
+    def order_and_commit(self, workdir: Path) -> CertificatePair:
+        """Play another replica's orderer in this process (the caller holds the issuance
+        lock): order with the replicas' settings, the CA validating through haproxy (the
+        replicas answer from the store), and commit to the shared record as it would."""
+        from acme_registry.account import Account
+        from acme_registry.challenges import PendingChallenges
+        from acme_registry.config import load_settings
+        from acme_registry.issued import record_issued
+        from acme_registry.issuer import Issuer
+        from acme_registry.storage import FileStorage
+
+        settings = dataclasses.replace(
+            load_settings(self.replicas[0].env),
+            data_dir=workdir / "data",
+            cert_dir=workdir / "certs",
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = self.storage()
+        read = sharedcert.load(storage)
+        challenges = PendingChallenges(FileStorage(settings.data_dir), storage)
+        pair = Issuer(settings, storage, Account(settings, storage), challenges).obtain()
+        record_issued(settings, storage, pair)
+        version = read.version if read is not None else None
+        sharedcert.commit(storage, pair, settings.directory, version, dt.datetime.now(dt.UTC))
+        return pair
 
     def wait_renewal_everywhere(self, old: str, timeout: float) -> float:
         """Wait until every running replica serves a certificate other than ``old`` (the
