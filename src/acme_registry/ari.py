@@ -77,9 +77,25 @@ def recheck_delay(retry_after: str | None, now: dt.datetime) -> dt.timedelta:
     return min(max(delay, MIN_RECHECK), MAX_RECHECK)
 
 
-def choose_instant(info: RenewalInfo, rng: random.Random | None = None) -> dt.datetime:
-    """A uniformly random instant inside the suggested window."""
-    span = (info.end - info.start).total_seconds()
+# An order takes seconds to minutes: a chosen instant keeps this much before expiry.
+ORDER_ROOM = dt.timedelta(minutes=5)
+
+
+def choose_instant(
+    info: RenewalInfo, rng: random.Random | None = None, expires: dt.datetime | None = None
+) -> dt.datetime:
+    """A uniformly random instant inside the suggested window.
+
+    A window that reaches (nearly) to the certificate's expiry, as short-lived profiles'
+    can, is cut to end :data:`ORDER_ROOM` before it (or half-way from the window's start to
+    the expiry, when that is nearer): an instant in the last seconds would leave the order
+    no time, and the certificate would expire while it runs.
+    """
+    end = info.end
+    if expires is not None:
+        room = min(ORDER_ROOM, max(expires - info.start, dt.timedelta(0)) / 2)
+        end = max(info.start, min(end, expires - room))
+    span = (end - info.start).total_seconds()
     return info.start + dt.timedelta(seconds=(rng or random).uniform(0, span))
 
 

@@ -80,7 +80,7 @@ class RenewalInfoTracker:
             return {**state, "next_fetch": (now + delay).isoformat()}
         window = (info.start.isoformat(), info.end.isoformat())
         if (state.get("start"), state.get("end")) != window:
-            chosen = ari.choose_instant(info)
+            chosen = ari.choose_instant(info, expires=pair.not_after)
             log.info(
                 "the CA suggests renewing between %s and %s; chose %s%s",
                 *window,

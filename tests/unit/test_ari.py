@@ -70,3 +70,27 @@ def test_chosen_instant_is_inside_the_window_and_spread():
     picks = [ari.choose_instant(info, rng) for _ in range(200)]
     assert all(info.start <= p <= info.end for p in picks)
     assert max(picks) - min(picks) > dt.timedelta(hours=8)
+
+
+def test_a_window_that_reaches_expiry_keeps_room_for_the_order():
+    # A short-lived profile's window (as Pebble's: its last minute) ending at expiry.
+    expires = NOW + dt.timedelta(minutes=2)
+    info = ari.RenewalInfo(expires - dt.timedelta(minutes=1), expires, None, dt.timedelta(0))
+    rng = random.Random(3)
+    picks = [ari.choose_instant(info, rng, expires=expires) for _ in range(200)]
+    assert all(info.start <= p <= expires - dt.timedelta(seconds=30) for p in picks)
+    # A long certificate's window ends days before expiry: untouched, ORDER_ROOM elsewhere.
+    long_expiry = NOW + dt.timedelta(days=90)
+    week = ari.RenewalInfo(NOW, NOW + dt.timedelta(days=7), None, dt.timedelta(hours=6))
+    picks = [ari.choose_instant(week, rng, expires=long_expiry) for _ in range(200)]
+    assert max(picks) - min(picks) > dt.timedelta(days=6)
+    near = ari.RenewalInfo(NOW, long_expiry, None, dt.timedelta(hours=6))
+    assert all(
+        ari.choose_instant(near, rng, expires=long_expiry) <= long_expiry - ari.ORDER_ROOM
+        for _ in range(50)
+    )
+    # A window that starts after expiry (the CA is late): its start, at once.
+    late = ari.RenewalInfo(
+        expires + dt.timedelta(minutes=1), expires + dt.timedelta(hours=1), None, dt.timedelta(0)
+    )
+    assert ari.choose_instant(late, rng, expires=expires) == late.start
