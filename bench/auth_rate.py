@@ -206,11 +206,16 @@ class _Registry:
         storage: Path,
         tls: Path | None,
         auth: dict[str, object] | None,
+        log_settings: dict[str, object] | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         config = registry_config(port, storage, "bench-http-secret", tls)
         if auth is not None:
             config["auth"] = auth
+        if log_settings:
+            log_config = config["log"]
+            assert isinstance(log_config, dict)
+            log_config.update(log_settings)
         path = workdir / "registry.yml"
         path.write_text(json.dumps(config, indent=2))
         self.port = port
@@ -439,11 +444,21 @@ def _wait_https(
 def sample(paths: AuthPaths, mode: str, target: Target, seconds: float, connections: int) -> Sample:
     """One round of one mode; a non-200 answer is an error."""
     client = paths.pinning.client if paths.pinning else None
+    return sample_target(mode, target, paths.root_file, client, seconds, connections)
+
+
+def sample_target(
+    mode: str,
+    target: Target,
+    root_file: Path,
+    client: frozenset[int] | None,
+    seconds: float,
+    connections: int,
+) -> Sample:
+    """One round against ``target`` (its clients on ``client``); a non-200 answer is an error."""
     server_before = sum(process_cpu_seconds(pid) for pid in target.pids)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rate, failed = measure(
-        target.port, paths.root_file, target.header, seconds, connections, client
-    )
+    rate, failed = measure(target.port, root_file, target.header, seconds, connections, client)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     server = sum(process_cpu_seconds(pid) for pid in target.pids) - server_before
     if failed:
