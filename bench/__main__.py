@@ -259,13 +259,16 @@ def _auth_part(workdir: Path, binaries: list[Path], args: argparse.Namespace) ->
     from tests.support.tokenauth import NAME
 
     runs = []
+    # Servers and curl clients on separate cores, every mode alike (bench.auth_rate.Pinning).
+    pinning = auth_rate.Pinning.split()
+    _log(f"  auth: {pinning.describe() if pinning else 'not pinned (one core)'}")
     engine, engine_dir = temporary_engine([NAME])
     try:
         with engine:
             for index, binary in enumerate(binaries):
-                with auth_rate.AuthPaths(workdir / f"paths-{index}", binary) as paths:
+                with auth_rate.AuthPaths(workdir / f"paths-{index}", binary, pinning) as paths:
                     connections = 4
-                    rates = auth_rate.run(
+                    samples = auth_rate.run(
                         paths, args.auth_seconds, args.auth_rounds, connections, _log
                     )
                     layer_bytes = args.pull_layer_kib * 1024
@@ -276,7 +279,14 @@ def _auth_part(workdir: Path, binaries: list[Path], args: argparse.Namespace) ->
                             "binary": str(binary),
                             "connections": connections,
                             "seconds": args.auth_seconds,
-                            "rates": rates,
+                            "pinning": pinning.describe() if pinning else None,
+                            "rates": {m: [x.rate for x in v] for m, v in samples.items()},
+                            "server_cpu_us": {
+                                m: [x.server_us for x in v] for m, v in samples.items()
+                            },
+                            "client_cpu_us": {
+                                m: [x.client_us for x in v] for m, v in samples.items()
+                            },
                             "layers": auth_pull.LAYERS,
                             "layer_bytes": layer_bytes,
                             "pulls": pulls,

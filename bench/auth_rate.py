@@ -26,14 +26,24 @@ request (the token names its key by ``kid`` for 3.x and by ``x5c`` for 2.8, as t
 tokens do). ``bench.auth_pull`` times ``docker pull`` on the same paths.
 
 Run: .venv/bin/python -m bench.auth_rate [--seconds 10] [--rounds 2] [--connections 4]
-     [--binary /opt/registry3/registry] [--key-references]
+     [--binary /opt/registry3/registry] [--key-references] [--no-pin]
 
 ``--key-references`` measures instead how the way a token names its key costs the
 registry: no auth, then the token registry with the same claims signed twice, once naming
 the key by ``x5c`` and once by ``kid`` (3.x only: 2.8 refuses our ``kid``), alternating, so
 both token rows come from one registry process (:func:`run_key_references`).
 
-The clients share the cores with the server, so absolute rates depend on the machine and
+Pinning (:class:`Pinning`, on unless ``--no-pin``): on a machine of two or more cores the
+servers (every registry, Caddy, the token service) run on the first half of the cores and
+the curl clients on the rest, for every mode alike, so that a client's work (about 290 us
+of CPU per request on 2 cores here, a third of what 3.1.1 spends serving one) does not
+take CPU from the server it measures; otherwise the ratio partly measures how the kernel
+shares two cores between a Go server and four curl processes. Other work on the machine
+still shares both halves. Each round also records the servers' and the clients' CPU time
+per request (``/proc``, ``RUSAGE_CHILDREN``): it depends far less on that other work than
+the rate does.
+
+The clients share the machine with the servers, so absolute rates depend on the machine and
 whatever else runs; the ratios against no auth, measured in one run, are the point.
 """
 
@@ -45,6 +55,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import socket
 import ssl
 import statistics
@@ -87,6 +98,41 @@ class Target:
     port: int
     header: str | None  # the Authorization header a rate client sends
     login: bool  # whether docker logs in (with USER / PASSWORD) before pulling
+    pids: tuple[int, ...] = ()  # the server processes whose CPU time a request costs
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which cores the servers and the clients run on (``taskset``/affinity CPU sets)."""
+
+    server: frozenset[int]
+    client: frozenset[int]
+
+    @classmethod
+    def split(cls, cpus: set[int] | None = None) -> Pinning | None:
+        """The first half of the usable cores for the servers, the rest for the clients;
+        None on one core."""
+        usable = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+        if len(usable) < 2:
+            return None
+        half = len(usable) // 2
+        return cls(frozenset(usable[:half]), frozenset(usable[half:]))
+
+    def describe(self) -> str:
+        return f"servers on CPU {_cpu_list(self.server)}, clients on CPU {_cpu_list(self.client)}"
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One round of one mode: the rate and the CPU time it cost per request."""
+
+    rate: float  # successful requests per second
+    server_us: float  # the servers' CPU microseconds per request
+    client_us: float  # the curl clients' CPU microseconds per request
 
 
 def registry_version(binary: Path) -> str:
@@ -98,9 +144,15 @@ def registry_version(binary: Path) -> str:
 
 
 def measure(
-    port: int, root_file: Path, header: str | None, seconds: float, connections: int
+    port: int,
+    root_file: Path,
+    header: str | None,
+    seconds: float,
+    connections: int,
+    client_cpus: frozenset[int] | None = None,
 ) -> tuple[float, int]:
-    """(successful requests per second, failed requests) over ``connections`` clients.
+    """(successful requests per second, failed requests) over ``connections`` clients
+    (on ``client_cpus`` when given).
 
     Each client is one curl process sending a million GETs (URL globbing) over one
     keep-alive connection to ``registry.test`` (resolved to 127.0.0.1: Caddy picks its
@@ -116,6 +168,8 @@ def measure(
     ]  # fmt: skip
     if header:
         command += ["-H", f"Authorization: {header}"]
+    if client_cpus:
+        command = ["taskset", "-c", _cpu_list(client_cpus), *command]
     with contextlib.ExitStack() as stack:
         outputs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(connections)]
         started = time.monotonic()
@@ -152,11 +206,16 @@ class _Registry:
         storage: Path,
         tls: Path | None,
         auth: dict[str, object] | None,
+        log_settings: dict[str, object] | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         config = registry_config(port, storage, "bench-http-secret", tls)
         if auth is not None:
             config["auth"] = auth
+        if log_settings:
+            log_config = config["log"]
+            assert isinstance(log_config, dict)
+            log_config.update(log_settings)
         path = workdir / "registry.yml"
         path.write_text(json.dumps(config, indent=2))
         self.port = port
@@ -222,9 +281,12 @@ def caddy_config(
 class AuthPaths:
     """Every mode of :data:`MODES` up on one storage holding ``bench/app:v1``."""
 
-    def __init__(self, workdir: Path, binary: Path = REGISTRY_BINARY) -> None:
+    def __init__(
+        self, workdir: Path, binary: Path = REGISTRY_BINARY, pinning: Pinning | None = None
+    ) -> None:
         self.workdir = workdir
         self.binary = binary
+        self.pinning = pinning
         self.version = registry_version(binary)
         self.ca = TestCA()
         self.tls = workdir / "tls.pem"
@@ -238,6 +300,17 @@ class AuthPaths:
         self.stack: TokenStack | None = None
 
     def start(self) -> AuthPaths:
+        # Every server started here inherits this thread's affinity (its token service
+        # thread too); the clients get theirs in measure().
+        previous = os.sched_getaffinity(0)
+        if self.pinning is not None:
+            os.sched_setaffinity(0, self.pinning.server)
+        try:
+            return self._start()
+        finally:
+            os.sched_setaffinity(0, previous)
+
+    def _start(self) -> AuthPaths:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls.write_bytes(self.ca.issue([NAME]))
         self.tls.chmod(0o600)
@@ -251,7 +324,7 @@ class AuthPaths:
         self._registries.append(
             _Registry(self.workdir / "none", self.binary, none_port, self.storage, self.tls, None)
         )
-        self.targets[NONE] = Target(none_port, None, False)
+        self.targets[NONE] = Target(none_port, None, False, (self._registries[0].proc.pid,))
         for cost, port in ((PERSON_COST, cost10_port), (4, cost4_port)):
             htpasswd = self.workdir / f"htpasswd-{cost}"
             htpasswd.write_text(f"{USER}:{hashes[cost]}\n")
@@ -261,7 +334,8 @@ class AuthPaths:
                     self.workdir / f"cost{cost}", self.binary, port, self.storage, self.tls, auth
                 )
             )
-            self.targets[f"htpasswd cost {cost}"] = Target(port, basic, True)
+            pid = self._registries[-1].proc.pid
+            self.targets[f"htpasswd cost {cost}"] = Target(port, basic, True, (pid,))
 
         self.stack = TokenStack(
             self.workdir / "token",
@@ -303,15 +377,19 @@ class AuthPaths:
         )
         for port in (caddy, caddy_plain):
             _wait_https(port, self.ca.pem, self._caddy, self.workdir / "caddy.log")
-        self.targets[CADDY] = Target(caddy, basic, True)
-        self.targets[CADDY_NO_CACHE] = Target(caddy_plain, basic, True)
+        behind = (self._caddy.pid, self._upstream.proc.pid)  # Caddy and its registry
+        self.targets[CADDY] = Target(caddy, basic, True, behind)
+        self.targets[CADDY_NO_CACHE] = Target(caddy_plain, basic, True, behind)
 
         image = self.workdir / "image"
         make_oci_image(image, tag="v1", size=4096)
         skopeo = Skopeo(self.workdir / "skopeo", self.ca.pem, [NAME])
         skopeo.push(image, "v1", f"{NAME}:{none_port}/{REPOSITORY}:v1")
         token = self.stack.token(f"repository:{REPOSITORY}:pull", (USER, PASSWORD))
-        self.targets[TOKEN] = Target(self.stack.registry_port, f"Bearer {token}", True)
+        assert self.stack.proc is not None
+        self.targets[TOKEN] = Target(
+            self.stack.registry_port, f"Bearer {token}", True, (self.stack.proc.pid,)
+        )
         return self
 
     def stop(self) -> None:
@@ -363,23 +441,52 @@ def _wait_https(
             time.sleep(0.05)
 
 
+def sample(paths: AuthPaths, mode: str, target: Target, seconds: float, connections: int) -> Sample:
+    """One round of one mode; a non-200 answer is an error."""
+    client = paths.pinning.client if paths.pinning else None
+    return sample_target(mode, target, paths.root_file, client, seconds, connections)
+
+
+def sample_target(
+    mode: str,
+    target: Target,
+    root_file: Path,
+    client: frozenset[int] | None,
+    seconds: float,
+    connections: int,
+) -> Sample:
+    """One round against ``target`` (its clients on ``client``); a non-200 answer is an error."""
+    server_before = sum(process_cpu_seconds(pid) for pid in target.pids)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rate, failed = measure(target.port, root_file, target.header, seconds, connections, client)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server = sum(process_cpu_seconds(pid) for pid in target.pids) - server_before
+    if failed:
+        raise RuntimeError(f"{mode}: {failed} requests did not get 200")
+    # Only the clients are reaped during a measurement: the children's growth is theirs.
+    client_seconds = (children.ru_utime + children.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    requests = rate * seconds
+    return Sample(rate, server / requests * 1e6, client_seconds / requests * 1e6)
+
+
 def run(
     paths: AuthPaths, seconds: float, rounds: int, connections: int, log: Any = print
-) -> dict[str, list[float]]:
-    """Requests per second per mode, one value per round; a non-200 answer is an error."""
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+) -> dict[str, list[Sample]]:
+    """One :class:`Sample` per mode and round."""
+    samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
     for index in range(rounds):
         # Alternating order (A B C ..., then ... C B A): drift on a busy machine hits all alike.
         for mode in MODES if index % 2 == 0 else tuple(reversed(MODES)):
-            target = paths.targets[mode]
-            rate, failed = measure(
-                target.port, paths.root_file, target.header, seconds, connections
+            one = sample(paths, mode, paths.targets[mode], seconds, connections)
+            samples[mode].append(one)
+            log(
+                f"  {paths.version} {mode}: {one.rate:,.0f} requests/s, server "
+                f"{one.server_us:,.0f} us / client {one.client_us:,.0f} us CPU per request "
+                f"(load {os.getloadavg()[0]:.1f})"
             )
-            if failed:
-                raise RuntimeError(f"{mode}: {failed} requests did not get 200")
-            rates[mode].append(rate)
-            log(f"  {paths.version} {mode}: {rate:,.0f} requests/s")
-    return rates
+    return samples
 
 
 def key_reference_tokens(paths: AuthPaths) -> dict[str, str]:
@@ -402,54 +509,46 @@ def process_cpu_seconds(pid: int) -> float:
 
 def run_key_references(
     paths: AuthPaths, seconds: float, rounds: int, connections: int, log: Any = print
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Requests per second, and the registry's CPU microseconds per request: no auth, and
-    the token registry with each key reference. CPU per request depends far less on what
-    else runs on the machine than the rate does."""
+) -> dict[str, list[Sample]]:
+    """No auth, and the token registry with each key reference, alternating: one
+    :class:`Sample` per mode and round."""
     assert paths.stack is not None and paths.stack.proc is not None
     targets = {NONE: paths.targets[NONE]}
-    pids = {NONE: paths._registries[0].proc.pid}
     for mode, token in key_reference_tokens(paths).items():
-        targets[mode] = Target(paths.stack.registry_port, f"Bearer {token}", True)
-        pids[mode] = paths.stack.proc.pid
-    rates: dict[str, list[float]] = {mode: [] for mode in targets}
-    cpu: dict[str, list[float]] = {mode: [] for mode in targets}
+        targets[mode] = Target(
+            paths.stack.registry_port, f"Bearer {token}", True, (paths.stack.proc.pid,)
+        )
+    samples: dict[str, list[Sample]] = {mode: [] for mode in targets}
     for index in range(rounds):
         for mode in targets if index % 2 == 0 else tuple(reversed(targets)):
-            target = targets[mode]
-            before = process_cpu_seconds(pids[mode])
-            rate, failed = measure(
-                target.port, paths.root_file, target.header, seconds, connections
+            one = sample(paths, mode, targets[mode], seconds, connections)
+            samples[mode].append(one)
+            log(
+                f"  {paths.version} {mode}: {one.rate:,.0f} requests/s, {one.server_us:,.0f} us CPU"
             )
-            used = process_cpu_seconds(pids[mode]) - before
-            if failed:
-                raise RuntimeError(f"{mode}: {failed} requests did not get 200")
-            rates[mode].append(rate)
-            cpu[mode].append(used / (rate * seconds) * 1e6)
-            log(f"  {paths.version} {mode}: {rate:,.0f} requests/s, {cpu[mode][-1]:,.0f} us CPU")
-    return rates, cpu
+    return samples
 
 
-def cpu_table(cpu: dict[str, list[float]]) -> str:
-    base = statistics.median(cpu[NONE])
+def table(samples: dict[str, list[Sample]]) -> str:
+    """Rates and CPU per request, each with its ratio to no auth (for CPU: no auth's CPU
+    over the mode's, the rate one core of the server could give, relative)."""
+    base_rate = statistics.median(s.rate for s in samples[NONE])
+    base_cpu = statistics.median(s.server_us for s in samples[NONE])
     lines = [
-        "| auth | registry CPU us/request (median) | rounds | vs no auth |",
-        "|---|---|---|---|",
+        "| auth | requests/s (median) | rounds | vs no auth | server CPU us/request (median) "
+        "| rounds | no auth's CPU / this | client CPU us/request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for mode, values in cpu.items():
-        median = statistics.median(values)
-        each = ", ".join(f"{v:,.0f}" for v in values)
-        lines.append(f"| {mode} | {median:,.0f} | {each} | {median / base:.2f} |")
-    return "\n".join(lines)
-
-
-def table(rates: dict[str, list[float]]) -> str:
-    base = statistics.median(rates[NONE])
-    lines = ["| auth | requests/s (median) | rounds | vs no auth |", "|---|---|---|---|"]
-    for mode in rates:
-        median = statistics.median(rates[mode])
-        each = ", ".join(f"{r:,.0f}" for r in rates[mode])
-        lines.append(f"| {mode} | {median:,.0f} | {each} | {median / base:.3f} |")
+    for mode, values in samples.items():
+        rate = statistics.median(s.rate for s in values)
+        cpu = statistics.median(s.server_us for s in values)
+        client = statistics.median(s.client_us for s in values)
+        rates = ", ".join(f"{s.rate:,.0f}" for s in values)
+        cpus = ", ".join(f"{s.server_us:,.0f}" for s in values)
+        lines.append(
+            f"| {mode} | {rate:,.0f} | {rates} | {rate / base_rate:.3f} | {cpu:,.0f} | {cpus} "
+            f"| {base_cpu / cpu:.2f} | {client:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -462,17 +561,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--key-references", action="store_true", help="none vs token with x5c vs with kid"
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="servers and clients on every core (default: servers on the first half)",
+    )
     args = parser.parse_args(argv)
+    pinning = None if args.no_pin else Pinning.split()
+    print(pinning.describe() if pinning else "not pinned")
     with (
         tempfile.TemporaryDirectory(prefix="auth-rate-") as tmp,
-        AuthPaths(Path(tmp), args.binary) as paths,
+        AuthPaths(Path(tmp), args.binary, pinning) as paths,
     ):
         if args.key_references:
-            rates, cpu = run_key_references(paths, args.seconds, args.rounds, args.connections)
-            print(cpu_table(cpu))
+            samples = run_key_references(paths, args.seconds, args.rounds, args.connections)
         else:
-            rates = run(paths, args.seconds, args.rounds, args.connections)
-    print(table(rates))
+            samples = run(paths, args.seconds, args.rounds, args.connections)
+    print(table(samples))
     return 0
 
 

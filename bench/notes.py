@@ -234,6 +234,15 @@ def _auth(results: dict[str, Any]) -> list[str]:
 
         token = share("token")
         verdict = f"goal (>= {auth_rate.GOAL_TOKEN_SHARE}) {r.auth_verdict(rates)}"
+        cpu = run.get("server_cpu_us")
+        if cpu:
+            verdict += (
+                f"; in the registry's CPU per request, which the machine's other work moves "
+                f"far less, token mode costs {r.med(cpu['token']):,.0f} us against "
+                f"{r.med(cpu['none']):,.0f} us without authentication, "
+                f"{r.med(cpu['none']) / r.med(cpu['token']):.2f} of the rate on a core of "
+                "its own"
+            )
         lines.append(
             f"- **Authentication, {run['version']}**: token mode serves manifest GETs at "
             f"{token:.2f} of the rate without authentication, {verdict}; htpasswd at cost 10 "

@@ -529,7 +529,8 @@ def _goals(results: dict[str, Any]) -> str:
                 f">= {auth_rate.GOAL_TOKEN_SHARE} of no auth",
                 f"{med(rates['token']):,.0f} vs {med(rates['none']):,.0f} requests/s = "
                 f"{share:.2f} (htpasswd cost 10: "
-                f"{med(rates['htpasswd cost 10']) / med(rates['none']):.3f})",
+                f"{med(rates['htpasswd cost 10']) / med(rates['none']):.3f})"
+                + _cpu_share_note(run),
                 auth_verdict(rates),
             )
         )
@@ -569,6 +570,16 @@ def _goals(results: dict[str, Any]) -> str:
             )
         )
     return table(("goal", "target", "this run", "verdict"), rows, "llll")
+
+
+def _cpu_share_note(run: dict[str, Any]) -> str:
+    """The same comparison in the registry's CPU per request, which other work on the
+    machine moves far less than the rate (runs before it was recorded have none)."""
+    cpu = run.get("server_cpu_us")
+    if not cpu:
+        return ""
+    token, none = med(cpu["token"]), med(cpu["none"])
+    return f"; CPU per request {token:,.0f} vs {none:,.0f} us = {none / token:.2f}"
 
 
 def auth_verdict(rates: dict[str, list[float]]) -> str:
@@ -1084,9 +1095,21 @@ def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
         "removed before every pull so each downloads and extracts every layer again "
         "(14 registry requests, counted in the access log; the vfs storage driver's "
         "copies are part of the time), "
-        "the modes in alternating order. The clients share the machine's cores with the "
+        "the modes in alternating order. The clients share the machine with the "
         "servers: compare the ratios of one run, not absolute rates across machines.",
     ]
+    if first.get("pinning"):
+        text += [
+            "",
+            f"Pinned ({first['pinning']}, every mode alike; `bench.auth_rate.Pinning`): the "
+            "curl clients cost CPU too (the *client CPU* column), and on shared cores they take "
+            "it from the server being measured, so the rate ratio would partly measure how the "
+            "kernel shares the cores. Other work on the machine still runs on every core. "
+            "*Server CPU* is the CPU time the serving processes used per answered request "
+            "(`/proc`; Caddy's rows: Caddy and its registry together): it depends far less on "
+            "that other work than the rate, and *no auth's CPU / this* is the rate a mode "
+            "would reach, relative to no auth, on a core of its own.",
+        ]
     load, cores = results["machine"]["load_before"], results["machine"]["nproc"]
     # The load after the run counts the benchmark's own clients and servers; before, others'.
     if load > cores:
@@ -1098,35 +1121,37 @@ def _auth(results: dict[str, Any], charts: dict[str, Path]) -> str:
         ]
     for run in runs:
         rates, pulls = run["rates"], run["pulls"]
+        cpu, client = run.get("server_cpu_us"), run.get("client_cpu_us")
         base_rate, base_pull = med(rates["none"]), med(pulls["none"])
         rows = []
         for mode in auth_rate.MODES:
-            rows.append(
-                (
-                    mode,
-                    f"{med(rates[mode]):,.0f}",
-                    ", ".join(f"{r:,.0f}" for r in rates[mode]),
-                    f"{med(rates[mode]) / base_rate:.3f}",
-                    spread(pulls[mode], lambda v: f"{v:.2f} s"),
-                    f"{med(pulls[mode]) / base_pull:.2f}",
-                )
+            row: tuple[str, ...] = (
+                mode,
+                f"{med(rates[mode]):,.0f}",
+                ", ".join(f"{r:,.0f}" for r in rates[mode]),
+                f"{med(rates[mode]) / base_rate:.3f}",
             )
+            if cpu and client:
+                row += (
+                    f"{med(cpu[mode]):,.0f}",
+                    f"{med(cpu['none']) / med(cpu[mode]):.3f}",
+                    f"{med(client[mode]):,.0f}",
+                )
+            pull = spread(pulls[mode], lambda v: f"{v:.2f} s")
+            rows.append((*row, pull, f"{med(pulls[mode]) / base_pull:.2f}"))
+        head: tuple[str, ...] = ("auth", "manifest GET/s (median)", "rounds", "vs no auth")
+        if cpu and client:
+            head += (
+                "server CPU us/request (median)",
+                "no auth's CPU / this",
+                "client CPU us/request",
+            )
+        head += ("docker pull (median, min-max)", "pull time vs no auth")
         text += [
             "",
             f"**{run['version']}** (`{run['binary']}`):",
             "",
-            table(
-                (
-                    "auth",
-                    "manifest GET/s (median)",
-                    "rounds",
-                    "vs no auth",
-                    "docker pull (median, min-max)",
-                    "pull time vs no auth",
-                ),
-                rows,
-                "lrrrrr",
-            ),
+            table(head, rows, "l" + "r" * (len(head) - 1)),
         ]
     return "\n".join(text)
 
