@@ -88,6 +88,9 @@ class Agent:
                 settings.data_dir / statekeys.HTPASSWD_FILE,
                 settings.auth_users,
                 saved=self._users_saved if self.shared else None,
+                followed_copy=settings.data_dir / statekeys.USERS_COPY_FILE
+                if self.shared
+                else None,
             )
             if settings.auth_mode in ("htpasswd", "token")
             else None
@@ -385,6 +388,10 @@ class Agent:
                 serial = self.changes.look()
             except OSError:
                 continue  # the loop notices the store is down (changes.error) and says so
+            except Exception as error:  # the thread must outlive anything a look raises
+                log.exception("looking at the shared change record failed")
+                self.changes.error = f"the change record could not be read: {error}"
+                continue
             if serial != self._cert_serial:
                 self._wake.set()
             if self.users is None or not self._users_ready or serial == users_serial:

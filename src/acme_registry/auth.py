@@ -306,6 +306,7 @@ class UserStore:
         *,
         cost: int = DEFAULT_COST,
         saved: Callable[[], None] | None = None,
+        followed_copy: Path | None = None,
     ) -> None:
         if not MIN_COST <= cost <= MAX_COST:
             raise AuthError(f"bcrypt cost {cost} is outside {MIN_COST}-{MAX_COST}")
@@ -320,6 +321,11 @@ class UserStore:
         # a new salt on every sync would rewrite the file (and reload the registry) each time.
         self._env_hashes: dict[str, str] = {}
         self._state_cache: tuple[bytes | None, _State] | None = None
+        # A shared store (followed_copy given): logins read the users from memory, which
+        # refresh() keeps current as the replicas' change record moves, never from the
+        # store (a store that hangs must not hold up a login); followed_copy is the last
+        # read, 0600, for a start while the store is down.
+        self.followed_copy = followed_copy
         # refresh(): the stored users' version last written into the htpasswd file, and
         # the threads of this process writing that file one at a time.
         self._refreshed: str | None = None
@@ -409,8 +415,14 @@ class UserStore:
             cached = self._env_hashes.get(name)
             if cached is not None:
                 return cached
-            with self._locked():
-                return self._env_hash(name, credential, {})
+            try:
+                with self._locked():
+                    return self._env_hash(name, credential, {})
+            except OSError:
+                if self.followed_copy is None:
+                    raise
+                # Started with the store down: the htpasswd file holds the hash last made.
+                return self._env_hash(name, credential, self._htpasswd_entries())
         return self._cached_state().users.get(name)
 
     def remove(self, name: str) -> None:
@@ -450,7 +462,11 @@ class UserStore:
                 return False
         else:
             found = self.storage.load(statekeys.USERS)
-        written = self._sync(self._parse(found.data if found is not None else None))
+        raw = found.data if found is not None else None
+        state = self._parse(raw)
+        written = self._sync(state)
+        if self.followed_copy is not None:
+            self._remember(raw, state)
         self._refreshed = found.version if found is not None else None
         self._refreshed_once = True
         return written
@@ -516,6 +532,8 @@ class UserStore:
         replace the file whole). A shared store that cannot be reached: the state last
         read (token mode's logins keep working, as the htpasswd file does)."""
         cached = self._state_cache
+        if self.followed_copy is not None:
+            return cached[1] if cached is not None else self._first_followed_state()
         try:
             raw = self.storage.load_bytes(statekeys.USERS)
         except OSError:
@@ -527,6 +545,45 @@ class UserStore:
         state = self._parse(raw)
         self._state_cache = (raw, state)
         return state
+
+    def _first_followed_state(self) -> _State:
+        """A shared store, nothing read yet: the store, else the copy of the last read."""
+        assert self.followed_copy is not None
+        try:
+            raw = self.storage.load_bytes(statekeys.USERS)
+        except OSError:
+            try:
+                raw = self.followed_copy.read_bytes()
+            except FileNotFoundError:
+                raise OSError(
+                    "the state store cannot be reached and no users were read before"
+                ) from None
+            state = self._parse(raw)
+            self._state_cache = (raw, state)
+            return state
+        state = self._parse(raw)
+        self._remember(raw, state)
+        return state
+
+    def _remember(self, raw: bytes | None, state: _State) -> None:
+        """A shared store: ``state`` is what logins read now, and ``raw`` the copy's bytes."""
+        previous = self._state_cache
+        self._state_cache = (raw, state)
+        if self.followed_copy is None or (previous is not None and previous[0] == raw):
+            return
+        try:
+            if raw is None:
+                self.followed_copy.unlink(missing_ok=True)
+            else:
+                write_atomic(self.followed_copy, raw)
+        except OSError as error:  # the copy only serves a later start with the store down
+            log.warning("could not keep a copy of the users in %s: %s", self.followed_copy, error)
+
+    def _htpasswd_entries(self) -> dict[str, str]:
+        try:
+            return parse_htpasswd(self.htpasswd_path.read_text(errors="replace"))
+        except FileNotFoundError:
+            return {}
 
     def _load(self) -> _State:
         return self._parse(self.storage.load_bytes(statekeys.USERS))
@@ -562,6 +619,9 @@ class UserStore:
         if state.initial_admin:
             data["initial_admin"] = True
         self.storage.store_json(statekeys.USERS, data)
+        if self.followed_copy is not None:
+            # This replica's own change applies to its next login at once.
+            self._remember(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", state)
         if self._saved is not None:
             self._saved()
 

@@ -29,6 +29,8 @@ CHANGES = "state/changes"
 
 # Local files under DATA_DIR that are derived, never stored: each replica writes its own.
 HTPASSWD_FILE = "auth/htpasswd"  # the registry's htpasswd, written from USERS
+# A shared store: USERS as last read, for token mode's logins after a start with it down.
+USERS_COPY_FILE = "auth/users-copy.json"
 OPERATOR_TLS_DIR = "tls"  # ACME_ENABLED=false: the operator's pair once it settled
 
 

@@ -182,6 +182,10 @@ class TokenMode:
             if seed is None:
                 raise
             log.warning("the state store is unreachable: signing with the cached keyring")
+            if seed.current.not_after <= now:
+                # Tokens its expired certificate signs are refused anyway: a fresh key, in
+                # memory only, until the store answers and its keyring is followed.
+                return seed.advance(now, times=self.times, served=self.served_here)
             return seed
         self._keep_copy(ring)
         return ring

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
@@ -19,6 +20,7 @@ from acme_registry.auth import (
     UserStore,
     load_env_users,
 )
+from acme_registry.statekeys import HTPASSWD_FILE, USERS, USERS_COPY_FILE
 from acme_registry.storage import FileStorage, StoreUnavailable, Versioned
 from tests.support.users import auth_dir, user_store
 
@@ -490,14 +492,22 @@ def test_password_hash_for_the_token_service(tmp_path):
 
 
 class _FlakyStorage(FileStorage):
-    """A FileStorage whose reads fail while ``down`` (a shared store out of reach)."""
+    """A FileStorage whose reads and locks fail while ``down`` (a shared store out of
+    reach); ``reads`` counts the reads of the users record."""
 
     down = False
+    reads = 0
 
     def load(self, key: str) -> Versioned | None:
         if self.down:
             raise StoreUnavailable("the store is down")
+        self.reads += key == USERS
         return super().load(key)
+
+    def lock(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise StoreUnavailable("the store is down")
+        return super().lock(name, *args, **kwargs)
 
 
 def test_logins_read_the_last_users_while_the_store_is_down(tmp_path: Path) -> None:
@@ -513,3 +523,48 @@ def test_logins_read_the_last_users_while_the_store_is_down(tmp_path: Path) -> N
     fresh = UserStore(storage, tmp_path / "auth" / "htpasswd", cost=4)
     with pytest.raises(StoreUnavailable):
         fresh.password_hash("alice")  # nothing read yet: nothing to fall back on
+
+
+def test_followed_users_are_read_from_memory_and_after_a_start_with_the_store_down_from_the_copy(
+    tmp_path: Path,
+) -> None:
+    storage = _FlakyStorage(tmp_path / "store")
+    data = tmp_path / "data"
+    env = {"ci": Credential("ci-password", hashed=False, source="AUTH_USERS")}
+
+    def replica() -> UserStore:
+        return UserStore(
+            storage,
+            data / HTPASSWD_FILE,
+            env,
+            cost=4,
+            followed_copy=data / USERS_COPY_FILE,
+        )
+
+    store = replica()
+    store.add("alice", "alice-password")
+    store.set_grants("alice", {"pull": ["team/*"]})
+    store.refresh()  # what the agent does at start and when the change record moves
+    assert (data / USERS_COPY_FILE).stat().st_mode & 0o777 == 0o600
+    reads = storage.reads
+    for _ in range(5):  # logins: from memory, never a read of the store
+        assert store.password_hash("alice") is not None
+        assert set(store.runtime_grants()) == {"alice"}
+    assert storage.reads == reads
+    # Another replica changes a password: seen at this one's next refresh().
+    replica().add("alice", "new-password")
+    store.refresh()
+    changed = store.password_hash("alice")
+    assert changed is not None and bcrypt.checkpw(b"new-password", changed.encode())
+
+    # A restart while the store is down: the copy answers, and the environment's plain
+    # password is checked against the hash in the htpasswd file.
+    storage.down = True
+    restarted = replica()
+    assert restarted.password_hash("alice") == changed
+    assert set(restarted.runtime_grants()) == {"alice"}
+    ci = restarted.password_hash("ci")
+    assert ci is not None and bcrypt.checkpw(b"ci-password", ci.encode())
+    (data / USERS_COPY_FILE).unlink()
+    with pytest.raises(OSError, match="no users were read before"):
+        replica().runtime_grants()
