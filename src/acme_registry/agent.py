@@ -351,7 +351,10 @@ class Agent:
             self._cert_serial = serial
             self._learn_thumbprint()
             if self.changes.error is not None:
-                raise OSError(self.changes.error)
+                # The follower thread's last look failed: look again before acting on it
+                # (a `renew` just as the store came back must not be refused). Raises
+                # OSError while the store is still down.
+                self.changes.look()
         except OSError as error:
             self._store_failed(error)
             return False
