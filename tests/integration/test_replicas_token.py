@@ -273,3 +273,48 @@ def test_keyring_rolls_over_across_replicas_refusing_no_token(
                         old_accepted.add(cluster.replicas.index(replica))
         time.sleep(0.5)
     print(f"{checked} token checks across {len(signers) - 1} key switch(es), none refused")
+
+
+def test_a_replica_restarted_with_the_store_down_answers_logins_from_its_copies(
+    cluster: Cluster, session: requests.Session, seaweed: SeaweedS3
+) -> None:
+    """Last in the module: the store (the session's SeaweedFS) goes down and comes back."""
+    first, _, third = cluster.replicas
+    added = first.cli("user", "add", "restarter", "--pull", "team/*", timeout=30)
+    assert added.returncode == 0, added.stderr
+    password = added.stdout.strip().splitlines()[-1].split()[-1]
+    creds = ("restarter", password)
+    deadline = time.monotonic() + 10
+    while (
+        session.get(
+            token_url(cluster, third), params={"service": NAME}, auth=creds, timeout=30
+        ).status_code
+        != 200
+    ):
+        assert time.monotonic() < deadline, "restarter cannot log in at replica 3 within 10 s"
+        time.sleep(0.2)
+
+    seaweed.stop()
+    try:
+        third.stop_cleanly()
+        third.start()
+        third.wait_ready(timeout=60)
+        # Users, grants and the keyring from DATA_DIR's copies: a run-time user gets its
+        # grants, the environment's user (a plain password) logs in, and the replica's own
+        # registry takes what its token service signed.
+        token = get_token(session, cluster, third, "repository:team/app:pull,push", creds)
+        assert granted(token) == [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
+        assert registry_status(session, third, token).status_code == 200
+        tester = get_token(session, cluster, third, "repository:any/app:pull")
+        assert registry_status(session, third, tester).status_code == 200
+        wrong = session.get(
+            token_url(cluster, third),
+            params={"service": NAME},
+            auth=("restarter", "not-the-password"),
+            timeout=30,
+        )
+        assert wrong.status_code == 401
+        assert "Traceback" not in third.log()
+    finally:
+        seaweed.start()
+    third.wait_ready(timeout=60)
