@@ -581,11 +581,8 @@ class Agent:
         refused = self.source.renewal_refused()
         if refused:
             return {"ok": False, "error": refused}
-        if self.store_error is not None:
-            return {
-                "ok": False,
-                "error": f"the state store cannot be reached ({self.store_error}): no order",
-            }
+        # No refusal here on the store's last known state, which may be a step old (the
+        # store just came back): the loop's step looks again and answers this renewal.
         if request.get("dry_run"):
             return self.source.dry_run().answer()
         renewal: Renewal = Future()

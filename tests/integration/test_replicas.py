@@ -260,6 +260,12 @@ def test_store_down_cache_served_new_replica_unready_stateless_then_back(
         assert status(cluster.replicas[0])["state_store"]["reachable"] is False
         refused = cluster.replicas[1].cli("user", "add", "bob", timeout=30)
         assert refused.returncode != 0 and "state store" in refused.stderr + refused.stdout
+        # No order while the store is down: the loop's step answers the renewal.
+        orders = pebble.orders_created()
+        no_order = cluster.replicas[0].cli("renew", timeout=60)
+        assert no_order.returncode != 0
+        assert "no order is placed until it answers" in no_order.stderr + no_order.stdout
+        assert pebble.orders_created() == orders
         token = "t" * 43
         answer = requests.get(
             f"http://127.0.0.1:{cluster.replicas[1].env['ACME_HTTP_PORT']}"
