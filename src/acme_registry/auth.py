@@ -45,7 +45,7 @@ from typing import Any, TextIO
 
 from . import statekeys
 from .names import is_user_name
-from .storage import Storage, ensure_private_dir, write_atomic
+from .storage import Storage, ensure_private_dir, json_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -618,10 +618,11 @@ class UserStore:
             data["grants"] = dict(sorted(state.grants.items()))
         if state.initial_admin:
             data["initial_admin"] = True
-        self.storage.store_json(statekeys.USERS, data)
+        raw = json_bytes(data)
+        self.storage.store(statekeys.USERS, raw)
         if self.followed_copy is not None:
             # This replica's own change applies to its next login at once.
-            self._remember(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", state)
+            self._remember(raw, state)
         if self._saved is not None:
             self._saved()
 

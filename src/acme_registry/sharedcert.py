@@ -23,7 +23,7 @@ from typing import Any
 
 from . import statechanges, statekeys
 from .certstore import CertificatePair, CertStore, parse_pair
-from .storage import Storage, Versioned
+from .storage import Storage, Versioned, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def encode(pair: CertificatePair, directory: str, committed_at: dt.datetime) -> 
         "chain": pair.chain_pem.decode(),
         "key": pair.key_pem.decode(),
     }
-    return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
+    return json_bytes(value)
 
 
 def decode(found: Versioned) -> CertificateRecord:

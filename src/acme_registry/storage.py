@@ -184,8 +184,12 @@ class Storage(abc.ABC):
         if_absent: bool = False,
         if_version: str | None = None,
     ) -> str:
-        data = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
-        return self.store(key, data, if_absent=if_absent, if_version=if_version)
+        return self.store(key, json_bytes(value), if_absent=if_absent, if_version=if_version)
+
+
+def json_bytes(value: dict[str, Any]) -> bytes:
+    """How a stored JSON record is written: sorted keys, indented, a final newline."""
+    return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
