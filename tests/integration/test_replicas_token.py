@@ -104,6 +104,31 @@ def get_token(
     return str(answer.json()["token"])
 
 
+def login_within(
+    session: requests.Session,
+    cluster: Cluster,
+    replica: AgentProcess,
+    creds: tuple[str, str],
+    scope: str,
+    seconds: float = 10,
+) -> requests.Response:
+    """The first 200 of logins at ``replica`` (a user just added at another replica); every
+    answer before it is a 401, and it comes within ``seconds`` (issue 12: 10 s)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = session.get(
+            token_url(cluster, replica),
+            params={"service": NAME, "scope": scope},
+            auth=creds,
+            timeout=30,
+        )
+        if answer.status_code == 200:
+            return answer
+        assert answer.status_code == 401, answer.text
+        assert time.monotonic() < deadline, f"{creds[0]} cannot log in within {seconds} s"
+        time.sleep(0.2)
+
+
 def _part(token: str, index: int) -> dict[str, Any]:
     part = token.split(".")[index]
     value = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
@@ -196,20 +221,9 @@ def test_one_keyring_serves_every_replica(cluster: Cluster, session: requests.Se
     added = first.cli("user", "add", "puller", "--pull", "team/*", timeout=30)
     assert added.returncode == 0, added.stderr
     password = added.stdout.strip().splitlines()[-1].split()[-1]
-    asked = "repository:team/app:pull,push"
-    deadline = time.monotonic() + 10
-    while True:
-        answer = session.get(
-            token_url(cluster, second),
-            params={"service": NAME, "scope": asked},
-            auth=("puller", password),
-            timeout=30,
-        )
-        if answer.status_code == 200:
-            break
-        assert answer.status_code == 401, answer.text
-        assert time.monotonic() < deadline, "puller cannot log in at replica 2 within 10 s"
-        time.sleep(0.2)
+    answer = login_within(
+        session, cluster, second, ("puller", password), "repository:team/app:pull,push"
+    )
     # Pull only, though pull and push were asked for; nothing at all outside team/.
     assert granted(answer.json()["token"]) == [
         {"type": "repository", "name": "team/app", "actions": ["pull"]}
@@ -284,15 +298,7 @@ def test_a_replica_restarted_with_the_store_down_answers_logins_from_its_copies(
     assert added.returncode == 0, added.stderr
     password = added.stdout.strip().splitlines()[-1].split()[-1]
     creds = ("restarter", password)
-    deadline = time.monotonic() + 10
-    while (
-        session.get(
-            token_url(cluster, third), params={"service": NAME}, auth=creds, timeout=30
-        ).status_code
-        != 200
-    ):
-        assert time.monotonic() < deadline, "restarter cannot log in at replica 3 within 10 s"
-        time.sleep(0.2)
+    login_within(session, cluster, third, creds, "repository:team/app:pull")
 
     seaweed.stop()
     try:
