@@ -186,7 +186,13 @@ def served(
     agent: AgentProcess, pebble: Pebble, name: str = NAME, timeout: float = 30
 ) -> x509.Certificate:
     """The leaf the registry serves, verified against this Pebble's root only."""
-    return wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), timeout)
+    try:
+        return wait_for_tls("127.0.0.1", agent.registry_port, name, pebble.root_pem(), timeout)
+    except TimeoutError as error:
+        exited = agent.proc.poll() if agent.proc is not None else None
+        raise TimeoutError(
+            f"{error}; agent exit status {exited}; the log ends:\n{agent.log()[-6000:]}"
+        ) from None
 
 
 def served_instead_of(
