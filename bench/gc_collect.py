@@ -8,8 +8,9 @@ own), then applies ``RETENTION_KEEP_LAST`` and collects. Two forms:
   upper bound of the product's.
 - ``python -m bench.gc_collect --agent`` and ``python -m bench --only gc``: the product,
   ``acme-registry run`` against Pebble and ``acme-registry gc``, with one client pulling a
-  kept image in a loop (a manifest GET and a blob GET on one keep-alive session): pull
-  latency for as long without a collection, then during the whole ``gc`` command.
+  kept image in a loop (its manifest and its one layer on one keep-alive session,
+  ``tests.support.pull_loop``): pull latency for as long without a collection, then during
+  the whole ``gc`` command.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,12 +34,11 @@ from acme_registry.registrytree import FilesystemTree, take_snapshot
 from tests.support.clients import Skopeo, registry_session
 from tests.support.oci_layers import add_image
 from tests.support.ports import free_port
+from tests.support.pull_loop import PullLoop
 from tests.support.registry_process import RegistryProcess
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 PULL_REPO, PULL_TAG = "bench/pulled", "latest"
-# Pull loop: a refused connect (2.x's handover) is retried once this much later.
-RETRY_DELAY = 0.05
 
 
 def push_history(
@@ -68,68 +67,6 @@ def push_history(
 
 def blob_count(storage_root: Path) -> int:
     return len(take_snapshot(FilesystemTree(storage_root)).blob_sizes)
-
-
-class PullLoop:
-    """One client pulling a manifest and its one layer in a loop; each pull's latency."""
-
-    def __init__(self, session: Any, base: str, layer: str) -> None:
-        self.session = session
-        self.manifest_url = f"{base}/v2/{PULL_REPO}/manifests/{PULL_TAG}"
-        self.blob_url = f"{base}/v2/{PULL_REPO}/blobs/{layer}"
-        self.samples: list[tuple[float, float]] = []  # (start, seconds) per pull
-        self.failures: list[str] = []
-        self.retries = 0
-        self.unanswered = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PullLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def _get(self, url: str, **kwargs: Any) -> Any:
-        """A refused connect (2.x's handover) is retried once after 50 ms; so is a request on
-        a kept-alive connection that the draining generation closed with no response byte
-        (what Go's and docker's clients retry by themselves for a GET). Counted apart."""
-        import requests
-
-        try:
-            return self.session.get(url, timeout=30, **kwargs)
-        except requests.ConnectionError as error:
-            text = str(error)
-            if "refused" in text.lower():
-                self.retries += 1
-            elif "RemoteDisconnected" in text or "without response" in text:
-                self.unanswered += 1
-            else:
-                raise
-            time.sleep(RETRY_DELAY)
-            return self.session.get(url, timeout=30, **kwargs)
-
-    def _run(self) -> None:
-        import requests
-
-        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                manifest = self._get(self.manifest_url, headers=accept)
-                blob = self._get(self.blob_url)
-                if manifest.status_code != 200 or blob.status_code != 200:
-                    self.failures.append(f"HTTP {manifest.status_code}/{blob.status_code}")
-                    continue
-            except requests.RequestException as error:
-                self.failures.append(repr(error)[:200])
-                continue
-            self.samples.append((began, time.monotonic() - began))
-
-    def between(self, start: float, end: float) -> list[float]:
-        return [seconds for began, seconds in self.samples if start <= began < end]
 
 
 def latency(values: list[float]) -> dict[str, Any]:
@@ -202,17 +139,14 @@ def agent_run(
             own_layers=own_layers,
             layer_bytes=layer_bytes,
         )
-        digest = add_image(layout, PULL_TAG, [("pulled", os.urandom(256 * 1024))])
+        add_image(layout, PULL_TAG, [("pulled", os.urandom(256 * 1024))])
         skopeo.push(layout, PULL_TAG, f"{host}/{PULL_REPO}:{PULL_TAG}")
-        manifest = json.loads(
-            (layout / "blobs/sha256" / digest.removeprefix("sha256:")).read_text()
-        )
         blobs_before = blob_count(storage)
         log(f"gc ({binary}): pushed {tags} tags, {blobs_before} blobs in {pushed:.1f} s")
 
         session = registry_session(NAME, root, workdir / "session")
         base = f"https://127.0.0.1:{agent.registry_port}"
-        with PullLoop(session, base, manifest["layers"][0]["digest"]) as pulls:
+        with PullLoop(session, base, f"{PULL_REPO}:{PULL_TAG}", retry_unanswered=True) as pulls:
             time.sleep(1)  # connection up, caches warm
             quiet_start = time.monotonic()
             time.sleep(baseline_seconds)

@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,10 @@ from tests.support.clients import Skopeo, registry_session
 from tests.support.held_collection import HeldCollection, kill_session, serving_registries
 from tests.support.oci_layers import add_image, add_multiarch, children_of
 from tests.support.ports import free_port
+from tests.support.pull_loop import PullLoop
 
 KEEP = {"RETENTION_KEEP_LAST": "2", "RETENTION_PROTECT": "latest", "GC_SCHEDULE": "off"}
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
 
 def storage_of(agent: AgentProcess) -> Path:
@@ -96,61 +95,6 @@ def gc_in_background(agent: AgentProcess) -> subprocess.Popen[str]:
     )
 
 
-# The one retry of a refused connect comes 50 ms later, as in test_rotation_load: 2.x's
-# handover window is a few ms on a quiet machine, but an immediate retry on this busy 2-core
-# machine was refused again (seen: 2 of ~10 pulls).
-RETRY_DELAY = 0.05
-
-
-class PullLoop:
-    """Pulls a manifest and its layers in a loop; a refused connect is retried once (2.x
-    refuses for milliseconds while generations switch), anything else is a failure."""
-
-    def __init__(self, agent: AgentProcess, root_pem: bytes, workdir: Path, ref: str) -> None:
-        self.session = registry_session(NAME, root_pem, workdir)
-        self.session.auth = (USER, PASSWORD)
-        self.base = f"https://127.0.0.1:{agent.registry_port}/v2/{ref.replace(':', '/manifests/')}"
-        self.repo_base = f"https://127.0.0.1:{agent.registry_port}/v2/{ref.split(':')[0]}"
-        self.pulls = 0
-        self.retries = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PullLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _get(self, url: str, **kwargs: object) -> requests.Response:
-        try:
-            return self.session.get(url, timeout=30, **kwargs)  # type: ignore[arg-type]
-        except requests.ConnectionError as error:
-            if "refused" not in str(error).lower():
-                raise
-            self.retries += 1
-            time.sleep(RETRY_DELAY)
-            return self.session.get(url, timeout=30, **kwargs)  # type: ignore[arg-type]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                manifest = self._get(self.base, headers={"Accept": MANIFEST_ACCEPT})
-                if manifest.status_code != 200:
-                    self.failures.append(f"manifest: HTTP {manifest.status_code}")
-                    continue
-                for layer in manifest.json()["layers"]:
-                    blob = self._get(f"{self.repo_base}/blobs/{layer['digest']}")
-                    if blob.status_code != 200 or len(blob.content) != layer["size"]:
-                        self.failures.append(f"blob: HTTP {blob.status_code}")
-                self.pulls += 1
-            except requests.RequestException as error:
-                self.failures.append(repr(error))
-
-
 def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_the_window(
     tmp_path: Path, pebble_factory: Any, registry_binary: Path
 ) -> None:
@@ -190,7 +134,10 @@ def test_gc_keeps_the_right_tags_frees_the_announced_bytes_and_serves_through_th
 
         before = blob_file_bytes(storage_of(agent))
         starts = metric(agent, "acme_registry_registry_generation_starts_total")
-        with PullLoop(agent, pebble.root_pem(), tmp_path / "pulls", "ci/app:t5") as pulls:
+        session = registry_session(NAME, pebble.root_pem(), tmp_path / "pulls")
+        session.auth = (USER, PASSWORD)
+        base = f"https://127.0.0.1:{agent.registry_port}"
+        with PullLoop(session, base, "ci/app:t5") as pulls:
             run = gc_in_background(agent)
             held.wait_started()
             assert metric(agent, "acme_registry_readonly") == 1.0
