@@ -65,7 +65,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import bcrypt
@@ -73,6 +72,7 @@ import bcrypt
 from acme_registry.tokens import KeyReference, b64url_decode
 from bench.setups import CADDY_BINARY, REGISTRY_BINARY, clean_env, registry_config, stop_process
 from tests.support.clients import Skopeo
+from tests.support.lifecycle import StartStop
 from tests.support.oci import MANIFEST_MEDIA_TYPE, make_oci_image
 from tests.support.ports import free_ports
 from tests.support.tls import TestCA
@@ -278,7 +278,7 @@ def caddy_config(
     }
 
 
-class AuthPaths:
+class AuthPaths(StartStop):
     """Every mode of :data:`MODES` up on one storage holding ``bench/app:v1``."""
 
     def __init__(
@@ -402,21 +402,6 @@ class AuthPaths:
             registry.stop()
         if self.stack is not None:
             self.stack.stop()
-
-    def __enter__(self) -> AuthPaths:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _wait_https(

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.support.clients import wait_for_tls
+from tests.support.lifecycle import StartStop
 from tests.support.pebble import Pebble
 from tests.support.ports import free_ports
 
@@ -27,7 +27,7 @@ USER, PASSWORD = "tester", "correct-horse-battery-staple"
 CREDS = f"{USER}:{PASSWORD}"
 
 
-class AgentProcess:
+class AgentProcess(StartStop):
     """One `acme-registry run` with its own CERT_DIR, DATA_DIR, storage and ports."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
@@ -146,17 +146,6 @@ class AgentProcess:
         """:meth:`stop`, asserting exit status 0 with the log's end in the failure."""
         status = self.stop(timeout)
         assert status == 0, f"exit status {status}; the log ends:\n{self.log()[-6000:]}"
-
-    def __enter__(self) -> AgentProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # A running agent against a Pebble, and what tests ask of it.

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import dns.exception
 import dns.flags
@@ -32,6 +31,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.tsigkeyring
 import dns.update
+
+from tests.support.lifecycle import StartStop
 
 NAMED = "/usr/sbin/named"
 NSUPDATE = "/usr/bin/nsupdate"
@@ -84,7 +85,7 @@ class TestZone:
         return "\n".join(lines) + "\n"
 
 
-class BindServer:
+class BindServer(StartStop):
     """One authoritative ``named`` for ``zone`` on ``address``:``port``."""
 
     __test__ = False
@@ -143,17 +144,6 @@ class BindServer:
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
-
-    def __enter__(self) -> BindServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- addresses -------------------------------------------------------------------------
 

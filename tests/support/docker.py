@@ -36,10 +36,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from tests.support import podman
 from tests.support.clients import clean_env, write_hosts_file
+from tests.support.lifecycle import StartStop
 
 # The docker.io package's own client, the same version as its daemon: another client on
 # PATH (e.g. a newer static one in /usr/local/bin) would make the tests depend on it.
@@ -67,7 +67,7 @@ class DockerError(AssertionError):
     """A docker command failed; the message holds the command and its output."""
 
 
-class DockerEngine:
+class DockerEngine(StartStop):
     """dockerd under ``workdir`` in a private mount namespace, and a CLI that talks to it."""
 
     def __init__(self, workdir: Path, names: list[str]) -> None:
@@ -181,17 +181,6 @@ class DockerEngine:
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> DockerEngine:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self) -> str:
         try:

@@ -17,8 +17,8 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_ports
 
 START_TIMEOUT = 10.0
@@ -86,7 +86,7 @@ def render_config(
     return text
 
 
-class HAProxy:
+class HAProxy(StartStop):
     """``haproxy -db`` with :func:`render_config`'s config; ``ports[name]`` is a frontend's."""
 
     def __init__(
@@ -182,17 +182,6 @@ class HAProxy:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=STOP_GRACE)
-
-    def __enter__(self) -> HAProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _listens(port: int) -> bool:

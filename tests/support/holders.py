@@ -24,8 +24,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from tests.support.lifecycle import StartStop
 
 REPO = Path(__file__).resolve().parents[2]
 # A connect() that finds the server's accept queue full waits for a SYN retry (1 s, 3 s...).
@@ -50,7 +51,7 @@ class Status:
         return cls(**json.loads(line))
 
 
-class IdleClients:
+class IdleClients(StartStop):
     """``count`` connections to ``host``:``port`` that each sent ``payload``, held by a child."""
 
     def __init__(self, host: str, port: int, count: int, payload: bytes) -> None:
@@ -109,18 +110,6 @@ class IdleClients:
             self.stop()
             raise RuntimeError(f"the connection holder gave no answer within {timeout} s")
         return Status.from_json(line)
-
-    def __enter__(self) -> IdleClients:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def raise_own_file_limit(needed: int) -> None:

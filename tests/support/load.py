@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from acme_registry import listeners
+from tests.support.lifecycle import StartStop
 from tests.support.tls import TestCA
 
 MANIFEST_ACCEPT = ", ".join(
@@ -203,7 +203,7 @@ class _WorkerStats:
     connects: list[float] = field(default_factory=list)
 
 
-class LoadClient:
+class LoadClient(StartStop):
     """Background clients against ``https://name:port`` (dialled on ``address``).
 
     Only ``root_pem`` is trusted and the name is checked (SNI and Host are ``name``). Modes
@@ -304,17 +304,6 @@ class LoadClient:
         """Wait until the bounds stop the load (or ``timeout`` passes), then stop()."""
         self._stop.wait(timeout)
         return self.stop()
-
-    def __enter__(self) -> LoadClient:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -579,7 +568,7 @@ class Rotation:
     bind_retries: int
 
 
-class RegistryServer:
+class RegistryServer(StartStop):
     """The distribution registry binary with TLS on loopback, rotated process by process.
 
     Each generation is a new ``docker-registry serve CONFIG`` with the same config, port and
@@ -695,17 +684,6 @@ class RegistryServer:
     def exit_codes(self) -> list[int | None]:
         """Exit codes so far (None while running): 0 means a generation drained in time."""
         return [proc.poll() for proc in self.generations]
-
-    def __enter__(self) -> RegistryServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals -------------------------------------------------------------------------
 

@@ -14,12 +14,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import requests
 from cryptography import x509
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port, free_tcp_udp_port
 from tests.support.tls import TestCA
 
@@ -202,7 +202,7 @@ def _challtestsrv_command(binary: str, dns_server: str, management_port: int) ->
     ]
 
 
-class Pebble:
+class Pebble(StartStop):
     """Pebble plus its own pebble-challtestsrv, both on loopback with ports chosen at start.
 
     Every DNS name resolves to 127.0.0.1 for Pebble's validator, so HTTP-01 for any name is
@@ -282,17 +282,6 @@ class Pebble:
         for log in self._logs:
             log.close()
         self._logs.clear()
-
-    def __enter__(self) -> Pebble:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- addresses -------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import requests
 
+from tests.support.lifecycle import StartStop
+
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 # The one retry comes 50 ms later, as in test_rotation_load: 2.x's handover window is a few
 # ms on a quiet machine, but an immediate retry on this busy 2-core machine was refused
@@ -19,7 +21,7 @@ MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 RETRY_DELAY = 0.05
 
 
-class PullLoop:
+class PullLoop(StartStop):
     """Pulls ``ref`` (``repo:tag``) from ``base`` (``https://host:port``) until left.
 
     A refused connect is retried once (2.x refuses for milliseconds while generations
@@ -52,13 +54,14 @@ class PullLoop:
         """The durations of the pulls that began in [start, end) (monotonic clock)."""
         return [seconds for began, seconds in self.samples if start <= began < end]
 
-    def __enter__(self) -> PullLoop:
+    def start(self) -> PullLoop:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
 
     def _get(self, url: str, **kwargs: Any) -> requests.Response:
         try:

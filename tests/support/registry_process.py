@@ -15,14 +15,14 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
+from tests.support.lifecycle import StartStop
 from tests.support.tls import TestCA
 
 NAME = "registry.test"
 
 
-class RegistryProcess:
+class RegistryProcess(StartStop):
     """``binary serve CONFIG`` with filesystem storage under ``workdir/storage``."""
 
     def __init__(self, workdir: Path, port: int, binary: str, *, name: str = NAME) -> None:
@@ -98,17 +98,6 @@ class RegistryProcess:
         """Stop the serving process and start one (read-only or not) on the same storage."""
         self.stop()
         self.start(readonly=readonly)
-
-    def __enter__(self) -> RegistryProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _write_config(self, readonly: bool) -> None:
         storage: dict[str, object] = {

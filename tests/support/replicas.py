@@ -32,6 +32,7 @@ from acme_registry.storage import Storage
 from tests.support.agent import NAME, AgentProcess, fingerprint
 from tests.support.clients import tls_probe, wait_for_tls
 from tests.support.haproxy import HAProxy
+from tests.support.lifecycle import StartStop
 from tests.support.pebble import Pebble
 from tests.support.ports import free_ports
 from tests.support.seaweed import SeaweedS3
@@ -41,7 +42,7 @@ _UNANSWERED = "closed before answering"
 _COMMITTED = re.compile(r"committed .* to the shared store")
 
 
-class Cluster:
+class Cluster(StartStop):
     """``count`` replicas on one bucket of ``seaweed``; haproxy's port 80 is ``http_port``."""
 
     def __init__(
@@ -305,12 +306,6 @@ class Cluster:
         record = self.record()
         assert record is not None and record.pair.fingerprint == next(iter(served.values()))
         return last - record.committed_at.timestamp()
-
-    def __enter__(self) -> Cluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class ProxyLoad:

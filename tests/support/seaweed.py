@@ -17,10 +17,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from acme_registry.stateconfig import S3Location
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_ports
 
 START_TIMEOUT = 90.0
@@ -53,7 +53,7 @@ def weed_binary() -> Path:
     return path
 
 
-class SeaweedS3:
+class SeaweedS3(StartStop):
     """``weed server -s3`` in ``workdir``; :attr:`endpoint` is its S3 URL."""
 
     def __init__(self, workdir: Path) -> None:
@@ -240,15 +240,3 @@ class SeaweedS3:
             "STATE_S3_SECRET_KEY": self.secret_key,
             "STATE_ENCRYPTION_KEY_FILE": str(key_file),
         }
-
-    def __enter__(self) -> SeaweedS3:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

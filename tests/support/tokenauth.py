@@ -30,6 +30,7 @@ from acme_registry.tokenmode import registry_key_reference
 from acme_registry.tokens import Keyring
 from acme_registry.tokenservice import Hooks, PasswordChecker, TokenService
 from tests.support.clients import Skopeo
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_ports
 from tests.support.tls import TestCA
 
@@ -53,7 +54,7 @@ class Counters:
         return Hooks(failure=failure, issued=issued)
 
 
-class TokenStack:
+class TokenStack(StartStop):
     """Registry + token service; ``start()`` / ``stop()`` (or a ``with`` block)."""
 
     def __init__(
@@ -172,16 +173,6 @@ class TokenStack:
         self._stop_registry()
         self.server.stop()
         self.service.checker.close()
-
-    def __enter__(self) -> TokenStack:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def registry_log(self) -> str:
         return self.log_path.read_text(errors="replace")
