@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -387,14 +387,28 @@ def _without_service_links(env: Mapping[str, str]) -> dict[str, str]:
     return kept
 
 
+def unknown_setting(name: str, known: Collection[str]) -> ConfigError:
+    """The error for a name of ours that this program does not read, with the closest known
+    name as a hint (a typo is the usual cause)."""
+    hint = difflib.get_close_matches(name, sorted(known), n=1)
+    suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+    return ConfigError(name, f"unknown setting{suggestion}")
+
+
+def reject_unknown_variables(env: Mapping[str, str], prefix: str, known: Collection[str]) -> None:
+    """A ``prefix`` name that is not in ``known`` is an error; the shapes of Kubernetes'
+    Service links are let through (a Service named "dns" injects DNS_PORT=tcp://...)."""
+    for name in sorted(env):
+        if name.startswith(prefix) and name not in known and not is_service_link(name, env[name]):
+            raise unknown_setting(name, known)
+
+
 def _reject_unknown_acme_variables(env: Mapping[str, str]) -> None:
     for name in sorted(env):
         internal = name.startswith("ACME_REGISTRY_")  # set by `acme-registry run`
         ours = name.startswith(("ACME_", "AUTH_"))
         if ours and name not in known_variables() and not internal:
-            hint = difflib.get_close_matches(name, known_variables(), n=1)
-            suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-            raise ConfigError(name, f"unknown setting{suggestion}")
+            raise unknown_setting(name, known_variables())
 
 
 def _domains(raw: str, challenge: str = "http-01") -> tuple[str, ...]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import ipaddress
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import dns.tsig
 
-from .config import ConfigError, is_service_link
+from .config import ConfigError, reject_unknown_variables
 from .names import DNS_LABEL, HOST_LABEL, is_dns_name, is_ip
 
 HTTP_01 = "http-01"
@@ -179,14 +178,7 @@ def reject_unknown_dns_variables(env: Mapping[str, str]) -> None:
     Kubernetes injects DNS_SERVICE_HOST, DNS_PORT=tcp://... for a Service named "dns":
     those shapes are let through, as config does for ACME_*.
     """
-    for name in sorted(env):
-        if not name.startswith(DNS_PREFIX) or name in KNOWN_VARIABLES:
-            continue
-        if is_service_link(name, env[name]):
-            continue
-        hint = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1)
-        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-        raise ConfigError(name, f"unknown setting{suggestion}")
+    reject_unknown_variables(env, DNS_PREFIX, KNOWN_VARIABLES)
 
 
 def check_names(names: Sequence[str], challenge: str) -> None:

@@ -14,14 +14,13 @@ unset is then a configuration error, and ``STATE_STORE=file`` says "one instance
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import ConfigError, is_service_link
+from .config import ConfigError, reject_unknown_variables
 
 FILE = "file"
 S3 = "s3"
@@ -120,14 +119,7 @@ class StateSettings:
 
 def reject_unknown_state_variables(env: Mapping[str, str]) -> None:
     """A STATE_* name this program does not read is an error (Service links aside)."""
-    for name in sorted(env):
-        if not name.startswith(STATE_PREFIX) or name in KNOWN_VARIABLES:
-            continue
-        if is_service_link(name, env[name]):
-            continue
-        hint = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1)
-        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-        raise ConfigError(name, f"unknown setting{suggestion}")
+    reject_unknown_variables(env, STATE_PREFIX, KNOWN_VARIABLES)
 
 
 def load_state_settings(env: Mapping[str, str]) -> StateSettings:

@@ -7,7 +7,6 @@ renders what the registry's config needs in token mode.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError, ListenAddress, is_service_link
+from .config import ConfigError, ListenAddress, reject_unknown_variables
 from .policy import PolicyError, parse_anonymous_pull
 from .tokenrollover import KeyringTimes, parse_keyring_times
 
@@ -55,14 +54,7 @@ class TokenSettings:
 
 def reject_unknown_token_variables(env: Mapping[str, str]) -> None:
     """TOKEN_* names we do not read are errors (Kubernetes' Service links aside)."""
-    for name in sorted(env):
-        if not name.startswith("TOKEN_") or name in TOKEN_VARIABLES:
-            continue
-        if is_service_link(name, env[name]):
-            continue
-        hint = difflib.get_close_matches(name, TOKEN_VARIABLES, n=1)
-        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-        raise ConfigError(name, f"unknown setting{suggestion}")
+    reject_unknown_variables(env, "TOKEN_", TOKEN_VARIABLES)
 
 
 def load_token_settings(
