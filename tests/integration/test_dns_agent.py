@@ -21,11 +21,12 @@ from tests.support.bind import (
     free_dns_port,
     port_free_on,
     start_bind_servers,
+    start_zone_server,
     write_nsupdate_hook,
 )
 from tests.support.clients import Skopeo, wait_for_tls
-from tests.support.pebble import PEBBLE_PROFILES, Pebble
-from tests.support.pebble_dns import PebbleWithDns
+from tests.support.pebble import Pebble
+from tests.support.pebble_dns import PebbleWithDns, validating_pebble
 from tests.support.ports import free_port
 
 ZONE = "example.test"
@@ -42,20 +43,14 @@ OTHER_RECORD_TTL = 900
 def bind(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BindServer]:
     # The zone's SOA minimum (default 1 s) by indirect parametrization. Nothing here caches:
     # the agent and Pebble ask this BIND directly.
-    zone = TestZone(ZONE, ("127.0.0.1",), negative_ttl=getattr(request, "param", 1))
-    (server,) = start_bind_servers(tmp_path / "bind", zone, free_dns_port(["127.0.0.1"]))
+    server = start_zone_server(tmp_path / "bind", ZONE, getattr(request, "param", 1))
     yield server
     server.stop()
 
 
 @pytest.fixture
 def pebble(tmp_path: Path, bind: BindServer) -> Iterator[PebbleWithDns]:
-    instance = PebbleWithDns(
-        tmp_path / "pebble",
-        bind.server,
-        config_overrides={"profiles": PEBBLE_PROFILES},
-        env={"PEBBLE_AUTHZREUSE": "0"},
-    )
+    instance = validating_pebble(tmp_path / "pebble", bind.server)
     instance.start()
     yield instance
     instance.stop()
@@ -408,12 +403,7 @@ def test_dns01_agent_waits_for_every_authoritative_server_on_port_53(tmp_path, r
     stop = threading.Event()
     copies: list[tuple[float, frozenset[str]]] = []
     syncer = threading.Thread(target=sync_later, args=(first, second, RECORD, 2.0, stop, copies))
-    pebble = PebbleWithDns(
-        tmp_path / "pebble",
-        second.server,
-        config_overrides={"profiles": PEBBLE_PROFILES},
-        env={"PEBBLE_AUTHZREUSE": "0"},
-    )
+    pebble = validating_pebble(tmp_path / "pebble", second.server)
     agent = None
     try:
         pebble.start()

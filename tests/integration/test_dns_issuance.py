@@ -30,10 +30,10 @@ from tests.support.bind import (
     TestZone,
     free_dns_port,
     start_bind_servers,
+    start_zone_server,
     write_nsupdate_hook,
 )
-from tests.support.pebble import PEBBLE_PROFILES
-from tests.support.pebble_dns import PebbleWithDns
+from tests.support.pebble_dns import PebbleWithDns, validating_pebble
 
 ZONE = "example.test"
 PEB = []
@@ -42,21 +42,14 @@ NAMES = [ZONE, f"*.{ZONE}"]
 
 @pytest.fixture
 def bind(tmp_path: Path) -> Iterator[BindServer]:
-    zone = TestZone(ZONE, ("127.0.0.1",))
-    (server,) = start_bind_servers(tmp_path / "bind", zone, free_dns_port(["127.0.0.1"]))
+    server = start_zone_server(tmp_path / "bind", ZONE)
     yield server
     server.stop()
 
 
 @pytest.fixture
 def pebble(tmp_path: Path, bind: BindServer) -> Iterator[PebbleWithDns]:
-    instance = PebbleWithDns(
-        tmp_path / "pebble",
-        bind.server,
-        config_overrides={"profiles": PEBBLE_PROFILES},
-        # A fresh authorization per order, so every order really validates through DNS.
-        env={"PEBBLE_AUTHZREUSE": "0"},
-    )
+    instance = validating_pebble(tmp_path / "pebble", bind.server)
     instance.start()
     PEB[:] = [instance]
     yield instance
@@ -250,12 +243,7 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
     the certificate is issued because the CA was told to validate only once both had them."""
     zone = TestZone(ZONE, ("127.0.0.1", "::1"))
     first, second = start_bind_servers(tmp_path / "two", zone, free_dns_port(["127.0.0.1", "::1"]))
-    pebble = PebbleWithDns(
-        tmp_path / "pebble-two",
-        second.server,
-        config_overrides={"profiles": PEBBLE_PROFILES},
-        env={"PEBBLE_AUTHZREUSE": "0"},
-    )
+    pebble = validating_pebble(tmp_path / "pebble-two", second.server)
     record = f"_acme-challenge.{ZONE}"
     copied = threading.Event()
     stop = threading.Event()

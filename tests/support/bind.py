@@ -33,6 +33,7 @@ import dns.tsigkeyring
 import dns.update
 
 from tests.support.lifecycle import StartStop
+from tests.support.ports import free_tcp_udp_port
 
 NAMED = "/usr/sbin/named"
 NSUPDATE = "/usr/bin/nsupdate"
@@ -278,6 +279,13 @@ def start_bind_servers(
     return started
 
 
+def start_zone_server(workdir: Path, name: str, negative_ttl: int = 1) -> BindServer:
+    """One BIND on 127.0.0.1, on a free port, authoritative for the test zone ``name``."""
+    zone = TestZone(name, ("127.0.0.1",), negative_ttl=negative_ttl)
+    (server,) = start_bind_servers(workdir, zone, free_dns_port(["127.0.0.1"]))
+    return server
+
+
 def port_free_on(addresses: Iterable[str], port: int) -> bool:
     """Whether ``port`` is free for UDP and TCP on every address (53 is, on test machines)."""
     for address in addresses:
@@ -303,9 +311,7 @@ def free_dns_port(addresses: Iterable[str]) -> int:
     """A port free for UDP and TCP on every one of ``addresses`` a moment ago."""
     wanted = list(addresses)
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        port = free_tcp_udp_port()  # reserved, below the ephemeral range (tests.support.ports)
         if port_free_on(wanted, port):
             return port
     raise RuntimeError(f"no port free on all of {wanted}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.support.pebble import Pebble, pebble_sid_binary
+from tests.support.pebble import PEBBLE_PROFILES, Pebble, pebble_sid_binary
 
 
 class PebbleWithDns(Pebble):
@@ -29,3 +29,14 @@ class PebbleWithDns(Pebble):
     def _start_challtestsrv(self) -> None:
         # The real DNS server is the test's; nothing to start here.
         return None
+
+
+def validating_pebble(workdir: Path, dns_server: str) -> PebbleWithDns:
+    """The DNS tests' Pebble (not started): profiles on, and a fresh authorization for every
+    order (``PEBBLE_AUTHZREUSE=0``), so every order really validates through DNS."""
+    return PebbleWithDns(
+        workdir,
+        dns_server,
+        config_overrides={"profiles": PEBBLE_PROFILES},
+        env={"PEBBLE_AUTHZREUSE": "0"},
+    )
