@@ -245,7 +245,9 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
     first, second = start_bind_servers(tmp_path / "two", zone, free_dns_port(["127.0.0.1", "::1"]))
     pebble = validating_pebble(tmp_path / "pebble-two", second.server)
     record = f"_acme-challenge.{ZONE}"
-    copied = threading.Event()
+    # Set as the copy to the second server begins: the checker cannot see every value there
+    # before, and setting it after the copy raced a checker that saw the copy first (CI).
+    copying = threading.Event()
     stop = threading.Event()
 
     def propagate_later() -> None:
@@ -254,9 +256,9 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
             values = first.txt(record)
             if len(values) == 2:
                 time.sleep(1.0)
+                copying.set()
                 for value in values:
                     second.add_txt(record, value)
-                copied.set()
                 return
             time.sleep(0.1)
 
@@ -267,7 +269,7 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
 
         def wait_visible(self, wanted, timeout=None):
             result = self.inner.wait_visible(wanted, timeout=timeout)
-            self.returned_after_copy = copied.is_set()
+            self.returned_after_copy = copying.is_set()
             return result
 
     thread = threading.Thread(target=propagate_later)
