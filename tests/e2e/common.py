@@ -48,6 +48,11 @@ def acme_env(pebble: Pebble, registry_port: int, **extra: str) -> dict[str, str]
     return env
 
 
+def operator_env(**extra: str) -> dict[str, str]:
+    """What an operator puts in the compose stack's environment (or `.env`), plus ``extra``."""
+    return {"ACME_DOMAINS": NAME, "ACME_EMAIL": "ops@registry.test", **extra}
+
+
 def ca_mount(pebble: Pebble) -> str:
     return f"{pebble.ca_bundle}:{CA_IN_CONTAINER}:ro"
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.common import GRACE_SECONDS, NAME, fingerprint, served
+from tests.e2e.common import GRACE_SECONDS, NAME, fingerprint, operator_env, served
 from tests.support.clients import Skopeo
 from tests.support.oci import layout_manifest_digest
 from tests.support.podman import REPO, podman, podman_compose, unique_name
@@ -32,12 +32,6 @@ def compose_config(files: list[Path], env: dict[str, str]) -> dict[str, Any]:
     result = podman_compose("config-check", files, "config", env=env)
     assert result.returncode == 0, result.stderr
     return dict(yaml.safe_load(result.stdout))
-
-
-def operator_env(**extra: str) -> dict[str, str]:
-    env = {"ACME_DOMAINS": NAME, "ACME_EMAIL": "ops@registry.test"}
-    env.update(extra)
-    return env
 
 
 def registry_creds(container: str) -> str | None:

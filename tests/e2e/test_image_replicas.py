@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.common import NAME
+from tests.e2e.common import operator_env
 from tests.support.podman import podman_compose
 from tests.support.ports import free_ports
 from tests.support.replicas_compose import (
@@ -26,12 +26,6 @@ from tests.support.replicas_compose import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def operator_env(**extra: str) -> dict[str, str]:
-    env = {"ACME_DOMAINS": NAME, "ACME_EMAIL": "ops@registry.test"}
-    env.update(extra)
-    return env
 
 
 def test_haproxy_test_copy_changes_only_addresses():

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.e2e.common import GRACE_SECONDS, NAME, REGISTRY_CREDS, fingerprint, served
+from tests.e2e.common import GRACE_SECONDS, NAME, REGISTRY_CREDS, fingerprint, operator_env, served
 from tests.support.clients import Skopeo
 from tests.support.oci import layout_manifest_digest
 from tests.support.podman import podman, podman_compose, unique_name
@@ -30,12 +30,6 @@ from tests.support.replicas_compose import (
 from tests.support.standin_images import build_haproxy_image, build_s3_image
 
 pytestmark = pytest.mark.e2e
-
-
-def operator_env(**extra: str) -> dict[str, str]:
-    env = {"ACME_DOMAINS": NAME, "ACME_EMAIL": "ops@registry.test"}
-    env.update(extra)
-    return env
 
 
 def test_replicas_stack_one_certificate_everywhere(product_image, pebble, oci_image, tmp_path):
