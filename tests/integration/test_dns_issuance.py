@@ -266,10 +266,14 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
         def __init__(self, inner: PropagationChecker) -> None:
             self.inner = inner
             self.returned_after_copy: bool | None = None
+            self.second_had: set[str] = set()
+            self.wanted: set[str] = set()
 
         def wait_visible(self, wanted, timeout=None):
             result = self.inner.wait_visible(wanted, timeout=timeout)
             self.returned_after_copy = copying.is_set()
+            self.second_had = set(second.txt(record))
+            self.wanted = set(wanted[record])
             return result
 
     thread = threading.Thread(target=propagate_later)
@@ -292,6 +296,8 @@ def test_dns01_waits_for_the_authoritative_server_the_ca_asks(tmp_path):
         thread.start()
         order, _ = dns01_order(acme, provider, checker, NAMES)  # type: ignore[arg-type]
         assert checker.returned_after_copy is True
+        # Every value, not just the copy's start: the second server had them all on return.
+        assert len(checker.wanted) == 2 and checker.wanted <= checker.second_had
         assert_certificate(order.fullchain_pem, pebble, NAMES)
     finally:
         stop.set()

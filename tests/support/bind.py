@@ -33,7 +33,7 @@ import dns.tsigkeyring
 import dns.update
 
 from tests.support.lifecycle import StartStop
-from tests.support.ports import free_tcp_udp_port
+from tests.support.ports import free_tcp_udp_port, release
 
 NAMED = "/usr/sbin/named"
 NSUPDATE = "/usr/bin/nsupdate"
@@ -314,6 +314,7 @@ def free_dns_port(addresses: Iterable[str]) -> int:
         port = free_tcp_udp_port()  # reserved, below the ephemeral range (tests.support.ports)
         if port_free_on(wanted, port):
             return port
+        release(port)
     raise RuntimeError(f"no port free on all of {wanted}")
 
 

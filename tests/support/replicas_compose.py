@@ -55,11 +55,7 @@ class StackPorts:
     @classmethod
     def choose(cls, http: int) -> StackPorts:
         # weed also listens on port + 10000 (gRPC) for its master, volume, filer and S3.
-        ports: list[int] = []
-        while len(ports) < 2 + 4 * len(REPLICAS) + 5:
-            (candidate,) = free_ports(1, exclude=(http, *ports))
-            if candidate + 10000 < 65536 and candidate + 10000 not in ports:
-                ports.append(candidate)
+        ports = free_ports(2 + 4 * len(REPLICAS) + 5, exclude=(http,), offset=10000)
         it = iter(ports)
         replicas = {n: ReplicaPorts(next(it), next(it), next(it), next(it)) for n in REPLICAS}
         return cls(http, next(it), next(it), replicas, *(next(it) for _ in range(5)))
