@@ -93,6 +93,16 @@ def registry_binary() -> Path:
     return Path(found)
 
 
+@pytest.fixture(scope="session")
+def registry_2x_binary() -> Path:
+    """Debian's registry 2.8.2 even when ACME_REGISTRY_TEST_REGISTRY_BINARY names a 3.x: for
+    the tests of what only a 2.x does (the config FIFO handover, refusing activation)."""
+    found = shutil.which(DEFAULT_REGISTRY_BINARY)
+    if found is None:
+        pytest.fail(f"{DEFAULT_REGISTRY_BINARY} not found: install Debian's docker-registry")
+    return Path(found)
+
+
 @pytest.fixture
 def oci_image(tmp_path: Path) -> Path:
     """An OCI layout with one small image tagged "v1" (random payload: a unique digest)."""

@@ -114,13 +114,13 @@ def test_rotations_on_the_shared_socket_refuse_nothing(tmp_path, pebble_factory,
 
 @pytest.mark.parametrize("which", ["activation", "fifo"])
 def test_nothing_listens_before_the_first_generation(
-    tmp_path, pebble_factory, activation_binary, registry_binary, which
+    tmp_path, pebble_factory, activation_binary, registry_2x_binary, which
 ):
     """While the first order fails (the CA's port is closed), the registry's port is bound
     by the agent (nobody else can take it) but refuses connections: no listener accepts
     and hangs them, and a load balancer's TCP check sees the replica down."""
     pebble = pebble_factory(free_port())
-    binary = activation_binary if which == "activation" else registry_binary
+    binary = activation_binary if which == "activation" else registry_2x_binary
     unreachable = f"https://127.0.0.1:{free_port()}/dir"
     agent = start_agent(tmp_path, pebble, binary, ACME_DIRECTORY=unreachable)
     try:
@@ -143,10 +143,10 @@ def test_nothing_listens_before_the_first_generation(
 
 
 def test_activation_on_with_a_2x_binary_is_one_clear_line(
-    tmp_path, pebble_factory, registry_binary
+    tmp_path, pebble_factory, registry_2x_binary
 ):
     pebble = pebble_factory(free_port())
-    agent = start_agent(tmp_path, pebble, registry_binary, REGISTRY_SOCKET_ACTIVATION="on")
+    agent = start_agent(tmp_path, pebble, registry_2x_binary, REGISTRY_SOCKET_ACTIVATION="on")
     assert agent.proc is not None
     assert agent.proc.wait(timeout=30) == 2
     lines = [line for line in agent.log().splitlines() if line.startswith("acme-registry:")]
