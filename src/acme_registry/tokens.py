@@ -12,10 +12,10 @@ signed with ES256 whose header names the signing key in one of two ways
   request costs one map lookup instead of a certificate parse and chain verification, and
   the token is 490 bytes instead of 1,144. Measured (``bench.auth_rate --key-references``)
   the saving is small: 0-120 us of the registry's CPU per request, of the 330-540 us that
-  token authentication adds to 3.1.1's ~850 us (the whole token check timed alone: about
-  170 us, 130 of them the ES256 signature; README, "Measured against the alternatives").
-  2.8 keys that map by another ID (libtrust's), so it gets ``x5c``
-  (:func:`key_reference_for`, from ``registry --version``).
+  token authentication adds to the 670-870 us 3.1.1 spends on a manifest GET without it
+  (the whole token check timed alone: about 170 us, 130 of them the ES256 signature;
+  README, "Measured against the alternatives"). 2.8 keys that map by another ID
+  (libtrust's), so it gets ``x5c`` (:func:`key_reference_for`, from ``registry --version``).
 
 Either way the registry then checks the signature with that key, then ``iss``, ``aud`` (its
 ``service``), ``exp`` and ``nbf`` (each with 60 s of leeway). With ``kid`` it does not look
