@@ -83,8 +83,12 @@ def latency(values: list[float]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _product(workdir: Path, binary: Path, keep_last: int) -> Iterator[tuple[Any, bytes]]:
-    """`acme-registry run` (AUTH_MODE=none, RETENTION_KEEP_LAST, no schedule) on Pebble."""
+def _product(
+    workdir: Path, binary: Path, keep_last: int, auth: bool
+) -> Iterator[tuple[Any, bytes]]:
+    """`acme-registry run` (RETENTION_KEEP_LAST, no schedule) on Pebble; ``auth``: the
+    default htpasswd mode with one user of a chosen password (bcrypt cost 10), else
+    AUTH_MODE=none."""
     from tests.support.agent import served, start_agent
     from tests.support.pebble import Pebble
 
@@ -94,7 +98,7 @@ def _product(workdir: Path, binary: Path, keep_last: int) -> Iterator[tuple[Any,
             workdir,
             pebble,
             binary,
-            auth=False,
+            auth=auth,
             RETENTION_KEEP_LAST=str(keep_last),
             RETENTION_PROTECT=PULL_TAG,
             GC_SCHEDULE="off",
@@ -119,15 +123,17 @@ def agent_run(
     layer_bytes: int = 2048,
     keep_last: int = 5,
     baseline_seconds: float = 10.0,
+    auth: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The product's collection of a few thousand blobs, with pulls before and during it."""
-    from tests.support.agent import NAME
+    """The product's collection of a few thousand blobs, with pulls before and during it;
+    ``auth`` as operators run it by default (htpasswd), else AUTH_MODE=none."""
+    from tests.support.agent import CREDS, NAME, PASSWORD, USER
 
-    with _product(workdir, binary, keep_last) as (agent, root):
+    with _product(workdir, binary, keep_last, auth) as (agent, root):
         host = f"{NAME}:{agent.registry_port}"
         storage = Path(agent.env["REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"])
-        skopeo = Skopeo(workdir / "skopeo", root, [NAME])
+        skopeo = Skopeo(workdir / "skopeo", root, [NAME], creds=CREDS if auth else None)
         layout = workdir / "layout"
         pushed = push_history(
             skopeo,
@@ -145,6 +151,8 @@ def agent_run(
         log(f"gc ({binary}): pushed {tags} tags, {blobs_before} blobs in {pushed:.1f} s")
 
         session = registry_session(NAME, root, workdir / "session")
+        if auth:
+            session.auth = (USER, PASSWORD)
         base = f"https://127.0.0.1:{agent.registry_port}"
         with PullLoop(session, base, f"{PULL_REPO}:{PULL_TAG}", retry_unanswered=True) as pulls:
             time.sleep(1)  # connection up, caches warm
@@ -160,6 +168,7 @@ def agent_run(
         return {
             "binary": str(binary),
             "version": gc.registry_version(binary),
+            "auth": "htpasswd" if auth else "none",
             "tags": tags,
             "blobs_before": blobs_before,
             "blobs_after": blob_count(storage),
@@ -177,6 +186,11 @@ def agent_run(
         }
 
 
+def auth_label(run: dict[str, Any]) -> str:
+    # Runs recorded before the auth twin were all AUTH_MODE=none.
+    return "htpasswd (default)" if run.get("auth", "none") == "htpasswd" else "none"
+
+
 def table(runs: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of agent runs: the collection, then pulls without and during it."""
 
@@ -185,6 +199,7 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
 
     header = (
         "registry",
+        "auth",
         "blobs before → after",
         "tags removed",
         "`gc` command (s)",
@@ -196,11 +211,12 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
         "max ms without / during",
         "failed pulls",
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + " :--- |" + " ---: |" * 10]
+    lines = ["| " + " | ".join(header) + " |", "|" + " :--- |" * 2 + " ---: |" * 10]
     for run in runs:
         w, d = run["without"], run["during"]
         cells = (
             run["version"].split()[-1],
+            auth_label(run),
             f"{run['blobs_before']} → {run['blobs_after']}",
             str(run["tags_removed"]),
             f"{run['gc_command_seconds']:.2f}",

@@ -538,7 +538,8 @@ def _goals(results: dict[str, Any]) -> str:
         during, without = run["during"], run["without"]
         rows.append(
             (
-                f"Pulls during a collection ({run['version'].split()[-1]})",
+                f"Pulls during a collection ({run['version'].split()[-1]}, auth "
+                f"{gc_collect.auth_label(run)})",
                 "zero failed pulls",
                 f"{len(run['failures'])} failed of {during['pulls']} during a "
                 f"{run['gc_command_seconds']:.2f} s run ({run['readonly_seconds']:.2f} s "
@@ -1167,9 +1168,12 @@ def _gc(results: dict[str, Any], charts: dict[str, Path]) -> str:
     first = runs[0] if runs else {}
     return "\n".join(
         [
-            f"`acme-registry run` (AUTH_MODE=none, `RETENTION_KEEP_LAST=5`, no schedule) with "
+            "`acme-registry run` (`RETENTION_KEEP_LAST=5`, no schedule; for each binary the "
+            "default authentication, htpasswd with one user whose chosen password is hashed "
+            "at bcrypt cost 10, and AUTH_MODE=none beside it) with "
             f"a CI-like history pushed by skopeo: {first.get('tags', '?')} tags of 10 shared "
-            "and 50 own 2 KiB layers each (a few thousand blobs), then `acme-registry gc` "
+            f"and 50 own 2 KiB layers each ({first.get('blobs_before', '?')} blobs), then "
+            "`acme-registry gc` "
             "(`bench/gc_collect.py`, `agent_run`). *`gc` command*: the whole run as the CLI "
             "waits for it (plan, retention's API deletes, the read-only window); *read-only "
             "window*: from the switch to a read-only generation to the end of the switch back "
