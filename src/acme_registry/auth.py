@@ -270,6 +270,16 @@ def grants_record(
     return {"pull": list(pull), "push": list(push), "delete": list(delete), "catalog": catalog}
 
 
+def _stored_grants(record: dict[str, Any]) -> dict[str, Any]:
+    """A checked grants record (:func:`_grants_problem`) as it is stored."""
+    return grants_record(
+        record.get("pull", []),
+        record.get("push", []),
+        record.get("delete", []),
+        record.get("catalog", False),
+    )
+
+
 def _grants_problem(record: Any) -> str | None:
     """Why ``record`` is not stored grants (names the flag), or None."""
     from .policy import PolicyError, make_grants
@@ -334,21 +344,36 @@ class UserStore:
 
     # -- operations --------------------------------------------------------------------------
 
-    def add(self, name: str, password: str, *, generated: bool = False) -> bool:
+    def add(
+        self,
+        name: str,
+        password: str,
+        *,
+        generated: bool = False,
+        grants: dict[str, Any] | None = None,
+    ) -> bool:
         """Add a run-time user or replace its password; True when the user is new.
 
         ``generated``: the password came from :func:`generate_password` (hashed at
-        :data:`GENERATED_COST`); only :meth:`add_generated` passes it.
+        :data:`GENERATED_COST`); only :meth:`add_generated` passes it. ``grants`` (as
+        :meth:`set_grants` takes them) replace its run-time grants in the same write: a
+        new user with grants is never stored without them, which would mean every action
+        everywhere to a login (or another replica) reading in between.
         """
         if not valid_name(name):
             raise AuthError("a user name is 1-64 of A-Z a-z 0-9 . _ - characters")
         self._refuse_env_user(name, "change its password there")
+        problem = _grants_problem(grants) if grants is not None else None
+        if problem:
+            raise AuthError(problem)
         cost = GENERATED_COST if generated else self.cost
         hashed = hash_password(password, cost)  # outside the lock: it takes a while
         with self._locked():
             state = self._load()
             created = name not in state.users
             state.users[name] = hashed
+            if grants is not None:
+                state.grants[name] = _stored_grants(grants)
             self._save(state)
             if name == INITIAL_ADMIN:
                 self._forget_initial_password()
@@ -356,14 +381,14 @@ class UserStore:
         log.info("user %s %s", name, "added" if created else "given a new password")
         return created
 
-    def add_generated(self, name: str) -> tuple[bool, str]:
+    def add_generated(self, name: str, grants: dict[str, Any] | None = None) -> tuple[bool, str]:
         """Add a user or reset its password to a generated one: (created, the password).
 
         The password is generated here, not by the caller, so a cost-4 hash is only ever
         given to a password known to have 192 bits of entropy.
         """
         password = generate_password()
-        return self.add(name, password, generated=True), password
+        return self.add(name, password, generated=True, grants=grants), password
 
     def set_grants(self, name: str, record: dict[str, Any]) -> None:
         """Replace ``name``'s run-time grants (token mode); ``record`` as :func:`grants_record`.
@@ -377,12 +402,7 @@ class UserStore:
             state = self._load()
             if name not in state.users and name not in self.env_users:
                 raise AuthError(f"no user {name!r}")
-            state.grants[name] = grants_record(
-                record.get("pull", []),
-                record.get("push", []),
-                record.get("delete", []),
-                record.get("catalog", False),
-            )
+            state.grants[name] = _stored_grants(record)
             self._save(state)
         log.info("user %s given run-time grants", name)
 
@@ -733,11 +753,9 @@ def control_handlers(
                     raise AuthError(problem)
             result: dict[str, Any] = {}
             if generate:
-                result["created"], result["password"] = store.add_generated(name)
+                result["created"], result["password"] = store.add_generated(name, grants)
             else:
-                result["created"] = store.add(name, str(password))
-            if grants is not None:
-                store.set_grants(name, grants)
+                result["created"] = store.add(name, str(password), grants=grants)
             return result
 
         return answer(add_user)

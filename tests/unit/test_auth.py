@@ -467,6 +467,30 @@ def test_runtime_grants_replace_keep_and_drop(tmp_path):
     assert "ci" not in s.runtime_grants()
 
 
+def test_a_user_added_with_grants_is_one_write(tmp_path):
+    """Never stored without its grants: in between, a login (or another replica following
+    the store) would get every action everywhere."""
+    from acme_registry.policy import Grants
+
+    s = store(tmp_path)
+    records: list[bytes] = []
+    real_store = s.storage.store
+
+    def recording_store(key, data, **kwargs):
+        if key == USERS:
+            records.append(data)
+        return real_store(key, data, **kwargs)
+
+    s.storage.store = recording_store  # type: ignore[method-assign]
+    handlers = auth.control_handlers(s, describe_grants=lambda name: name)
+    pull_only = auth.grants_record(["team/*"], [], [], False)
+    assert handlers["user-add"]({"name": "ci", "password": SECRET, "grants": pull_only})["ok"]
+    assert len(records) == 1
+    stored = json.loads(records[0])
+    assert "ci" in stored["users"] and stored["grants"]["ci"] == pull_only
+    assert s.runtime_grants() == {"ci": Grants(pull=("team/*",))}
+
+
 def test_grants_are_refused_outside_token_mode(tmp_path):
     add = auth.control_handlers(store(tmp_path))["user-add"]
     answer = add({"name": "ci", "password": SECRET, "grants": auth.grants_record([], [], [], True)})
