@@ -31,12 +31,16 @@ class PebbleWithDns(Pebble):
         return None
 
 
-def validating_pebble(workdir: Path, dns_server: str) -> PebbleWithDns:
+def validating_pebble(
+    workdir: Path, dns_server: str, nonce_reject: int | None = None
+) -> PebbleWithDns:
     """The DNS tests' Pebble (not started): profiles on, and a fresh authorization for every
-    order (``PEBBLE_AUTHZREUSE=0``), so every order really validates through DNS."""
+    order (``PEBBLE_AUTHZREUSE=0``), so every order really validates through DNS;
+    ``nonce_reject`` as :class:`Pebble` takes it (None: Pebble's 5 %)."""
     return PebbleWithDns(
         workdir,
         dns_server,
         config_overrides={"profiles": PEBBLE_PROFILES},
         env={"PEBBLE_AUTHZREUSE": "0"},
+        nonce_reject=nonce_reject,
     )
